@@ -1,0 +1,1 @@
+"""composeae: composed image retrieval (ComposeAE and baselines) trained on Ray."""

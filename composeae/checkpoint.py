@@ -1,0 +1,87 @@
+"""Self-describing checkpoints: everything needed to rebuild a model without its YAML.
+
+A checkpoint is one `torch.save`d dict of plain values (loadable with `weights_only=True`):
+
+    format      CHECKPOINT_FORMAT
+    model_name  registered model name
+    config      the resolved config tree (plain dict)
+    tokenizer   the tokenizer's state (vocabulary / WordPiece JSON)
+    model       state dict of the unwrapped model (no `module.` prefixes)
+    train_state {"step", "epoch", "samples_seen", ...} when written by training
+    optimizer / scheduler   their state dicts when written by training
+
+Files are written under a temporary name and renamed, so a reader never sees half a checkpoint.
+A model built with a pretrained BERT directory (`model.bert_path`) needs that directory to exist
+when the checkpoint is loaded: it supplies the architecture, the weights come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from composeae.config import Config, config_from_dict, config_to_dict, replace
+from composeae.errors import UserError
+from composeae.models.text import tokenizer_from_state
+from composeae.registry import create_model
+
+CHECKPOINT_FORMAT = 1
+MODEL_FILE = "model.pt"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def checkpoint_state(model: nn.Module, cfg: Config, **extra: Any) -> dict[str, Any]:
+    model = unwrap(model)
+    state = {"format": CHECKPOINT_FORMAT, "model_name": model.registered_name,
+             "config": config_to_dict(cfg), "tokenizer": model.tokenizer.state(),
+             "model": model.state_dict()}
+    state.update(extra)
+    return state
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` to a local file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(url: str) -> dict[str, Any]:
+    """Read a checkpoint file or run checkpoint directory, local or `s3://`."""
+    from composeae.data import storage
+
+    if not url.endswith(".pt"):
+        url = storage.join(url, MODEL_FILE)
+    if not storage.exists(url):
+        raise UserError(f"no checkpoint at {url}")
+    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{url} is not a composeae checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, Config]:
+    """Rebuild the model (eval mode, CPU) and its config from a loaded checkpoint."""
+    cfg = config_from_dict(state["config"])
+    # The backbone's initial weights file is not needed: the checkpoint holds trained weights.
+    build = replace(cfg, model={"image_weights": None})
+    model = create_model(build.model, build.loss, tokenizer_from_state(state["tokenizer"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg

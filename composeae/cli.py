@@ -1,0 +1,75 @@
+"""`composeae ...`: the command line.
+
+Every subcommand is a thin call into the library. A `UserError` (bad config, unknown model,
+missing data, unreachable bucket) ends with one line `error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from composeae.errors import UserError
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from composeae.registry import describe_models
+
+    for name, summary in describe_models().items():
+        print(f"{name:<22} {summary}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from composeae.config import load_config
+    from composeae.train import run_training
+
+    run_training(load_config(args.config, args.set))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from composeae.evaluate import run_evaluation
+
+    run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from composeae.data import commands as shard_commands
+
+    parser = argparse.ArgumentParser(
+        prog="composeae", description="Composed image retrieval (ComposeAE and baselines) on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list registered models")
+    p.set_defaults(func=_cmd_models)
+
+    shard_commands.register(sub)
+
+    p = sub.add_parser("train", help="train a model on Ray Train")
+    p.add_argument("--config", required=True, help="experiment YAML (jobs/configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: recall@K table")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (path or s3://)")
+    p.add_argument("--data", required=True, help="dataset URL (path or s3://)")
+    p.add_argument("--split", default="test", help="evaluation split (default: test)")
+    p.add_argument("--out", default=None, help="write the recall table as JSON here")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

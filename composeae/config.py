@@ -1,0 +1,342 @@
+"""The one configuration tree: frozen dataclasses, one per YAML section.
+
+`load_config(path, overrides)` reads a YAML file whose top-level sections map one-to-one onto
+`Config`'s fields, applies dotted `section.key=value` overrides (values parsed as YAML scalars),
+and validates everything. Unknown keys, wrong types and impossible values raise `UserError`
+naming the key, so a bad config fails before any worker starts. `dump_config` writes the
+resolved tree back to YAML (next to every run and inside every checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from composeae.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    url: str = "shards/css-synth-small"
+    """Dataset root: a local directory or `s3://bucket/prefix` holding `manifest.json`."""
+    image_size: int = 64
+    """Square side images are resized to before they reach the image encoder."""
+    text_mode: Literal["modifier", "complete"] = "modifier"
+    """Query text: the modification text, or the paper's "complete text query"."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training rank."""
+    shuffle_buffer: int = 500
+    """Samples held in the streaming shuffle buffer."""
+    augment: bool = False
+    """Random resized crops and flips on training images (off for CSS-synth: positions matter)."""
+    synth_preset: Literal["tiny", "small", "full"] = "small"
+    """CSS-synth preset built when `url` holds no dataset and the config asks for synthesis."""
+    synth_if_missing: bool = False
+    """Build CSS-synth shards at `url` when no manifest is there (the demo's convenience)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "composeae"
+    """Registered model name (`composeae models` lists them)."""
+    embed_dim: int = 512
+    """Dimension of the joint embedding space where queries and targets meet."""
+    image_encoder: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    """Image backbone; `small_cnn` is sized for 64 px synthetic scenes."""
+    image_weights: str | None = None
+    """Local file with a torchvision state dict for the ResNet; random init when unset."""
+    image_dim: int = 512
+    """Image feature size after the backbone's projection layer."""
+    text_encoder: Literal["lstm", "bert"] = "lstm"
+    """Text backbone: an LSTM over a corpus vocabulary, or BERT through `transformers`."""
+    text_dim: int = 512
+    """Text feature size (LSTM hidden size; BERT's hidden size is projected to it)."""
+    word_dim: int = 256
+    """LSTM word embedding size."""
+    max_text_len: int = 32
+    """Tokens kept per text."""
+    bert_path: str | None = None
+    """Local directory of a pretrained BERT (`save_pretrained` layout); scratch BERT when unset."""
+    bert_layers: int = 2
+    """Scratch BERT: transformer layers."""
+    bert_hidden: int = 256
+    """Scratch BERT: hidden size."""
+    bert_heads: int = 4
+    """Scratch BERT: attention heads."""
+    bert_vocab_size: int = 2000
+    """Scratch BERT: WordPiece vocabulary size trained on the corpus."""
+    freeze_text: bool = False
+    """Keep the text encoder's weights fixed (the paper used a frozen BERT)."""
+    freeze_image: bool = False
+    """Keep the image backbone's weights fixed."""
+    dropout: float = 0.5
+    """Dropout in ComposeAE's image projection eta."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    base: Literal["batch_classification", "soft_triplet"] = "batch_classification"
+    """Metric-learning loss between composed queries and targets."""
+    init_scale: float = 4.0
+    """Initial value of the learnable scale on normalized similarities."""
+    symmetric: bool = False
+    """Batch classification in both directions (query->target and target->query)."""
+    gather_negatives: bool = False
+    """Use targets from every DDP rank as negatives (gradients flow to the local slice)."""
+    w_base: float = 1.0
+    """Weight of the base loss."""
+    w_img_rec: float = 0.1
+    """Weight of ComposeAE's image reconstruction loss."""
+    w_txt_rec: float = 0.1
+    """Weight of ComposeAE's text reconstruction loss."""
+    w_sym: float = 0.01
+    """Weight of ComposeAE's rotational symmetry loss."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Optimizer; the paper's is SGD with momentum 0.9."""
+    lr: float = 1e-2
+    """Learning rate of the composer, projections and text encoder."""
+    backbone_lr_mult: float = 0.1
+    """Image backbone learning rate = lr x this (the paper: 1e-3 vs 1e-2)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-5
+    """Weight decay."""
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    """Learning-rate schedule over training steps."""
+    decay_every: int = 50_000
+    """Step schedule: multiply the rate by `decay_factor` every this many steps."""
+    decay_factor: float = 0.1
+    """Step schedule: the multiplier."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "composeae-demo"
+    """Run name: a second submission with the same name and storage resumes it."""
+    storage: str = "runs"
+    """Where runs live: a local directory or `s3://bucket/prefix`."""
+    steps: int = 1000
+    """Total optimizer steps."""
+    batch_size: int = 32
+    """Batch size per rank."""
+    eval_every: int = 250
+    """Evaluate on the validation split and checkpoint every this many steps."""
+    log_every: int = 20
+    """Log progress every this many steps."""
+    seed: int = 0
+    """Seed for weights, shuffling and dropout."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` uses bf16 autocast on GPU and fp32 on CPU."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 5, 10, 50)
+    """Cut-offs K reported as R@K."""
+    val_split: str = "val"
+    """Split evaluated during training (skipped when the dataset has none)."""
+    test_split: str = "test"
+    """Split evaluated at the end of training."""
+    batch_size: int = 128
+    """Embedding batch size per rank."""
+    chunk_size: int = 1024
+    """Queries scored at once in recall@K (bounds memory for large galleries)."""
+    selection_metric: str = "R@1"
+    """Validation metric that picks the best checkpoint."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """Ray address; unset starts an embedded local Ray (or joins the job's cluster)."""
+    num_workers: int = 2
+    """Training workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise gloo on CPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    max_failures: int = 1
+    """Worker-group failures survived by restarting from the last checkpoint."""
+    num_to_keep: int = 2
+    """Checkpoints kept (the best by validation `selection_metric`)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# Fields that must be > 0 and >= 0 respectively, as "section.key".
+_POSITIVE = {
+    "data.image_size", "data.shuffle_buffer",
+    "model.embed_dim", "model.image_dim", "model.text_dim", "model.word_dim",
+    "model.max_text_len", "model.bert_layers", "model.bert_hidden", "model.bert_heads",
+    "model.bert_vocab_size", "loss.init_scale", "optim.lr", "optim.decay_every",
+    "optim.decay_factor", "train.steps", "train.batch_size", "train.eval_every",
+    "train.log_every", "eval.batch_size", "eval.chunk_size", "ray.num_workers",
+    "ray.cpus_per_worker", "ray.num_to_keep",
+}
+_NON_NEGATIVE = {
+    "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
+    "optim.backbone_lr_mult", "optim.momentum", "optim.weight_decay", "optim.warmup_steps",
+    "optim.grad_clip", "train.seed", "ray.max_failures", "model.dropout",
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot (ranges, cross-field rules, registered names)."""
+    for dotted in _POSITIVE | _NON_NEGATIVE:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if dotted in _POSITIVE and not value > 0:
+            raise UserError(f"config key {dotted} must be > 0, got {value!r}")
+        if dotted in _NON_NEGATIVE and value < 0:
+            raise UserError(f"config key {dotted} must be >= 0, got {value!r}")
+    if not cfg.model.dropout < 1:
+        raise UserError(f"config key model.dropout must be < 1, got {cfg.model.dropout!r}")
+    if cfg.model.bert_hidden % cfg.model.bert_heads:
+        raise UserError("config key model.bert_hidden must be a multiple of model.bert_heads")
+    if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
+        raise UserError(f"config key eval.ks must be positive integers, got {cfg.eval.ks!r}")
+    if cfg.eval.selection_metric not in {f"R@{k}" for k in cfg.eval.ks}:
+        raise UserError(
+            f"config key eval.selection_metric={cfg.eval.selection_metric!r} is not one of "
+            f"R@K for eval.ks={list(cfg.eval.ks)}")
+    if not cfg.train.name or "/" in cfg.train.name:
+        raise UserError(f"config key train.name must be a non-empty name without '/', "
+                        f"got {cfg.train.name!r}")
+    from composeae.registry import list_models  # late: the registry imports the models
+
+    if cfg.model.name not in list_models():
+        raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "
+                        f"registered: {', '.join(list_models())}")
+
+
+def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field annotation (the subset used above) and convert lists."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(dotted, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config key {dotted} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {dotted} must be a list, got {value!r}")
+        return tuple(_coerce(dotted, v, args[0]) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise UserError(f"config key {dotted} must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"config key {dotted} must be an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise UserError(
+            f"config key {dotted} must be of type {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build_section(section_cls: type, name: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {name} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    for key in raw:
+        if key not in known:
+            raise UserError(f"unknown config key {name}.{key}; known keys: {', '.join(sorted(known))}")
+    return section_cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from a nested dict (a parsed YAML file)."""
+    if not isinstance(raw, dict):
+        raise UserError("config must be a mapping of sections")
+    hints = typing.get_type_hints(Config)
+    for name in raw:
+        if name not in hints:
+            raise UserError(f"unknown config section {name!r}; known: {', '.join(hints)}")
+    return Config(**{name: _build_section(hints[name], name, raw.get(name))
+                     for name in hints if name in raw})
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `section.key=value` applied (value parsed as YAML)."""
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise UserError(f"override key {dotted!r} must be section.key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        merged.setdefault(parts[0], {})[parts[1]] = value
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved tree as plain Python values (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+    return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+            for f in dataclasses.fields(cfg)}
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of `cfg` with some keys changed, e.g. `replace(cfg, train={"steps": 5})`."""
+    raw = config_to_dict(cfg)
+    for name, values in sections.items():
+        raw[name].update(values)
+    return config_from_dict(raw)

@@ -1,0 +1,89 @@
+"""The one interface every retrieval model shares.
+
+A model owns its encoders and its composition. Training and evaluation only ever call:
+
+    model(reference, texts, target) -> {"loss": total, "base": ..., <model-specific terms>}
+    model.compose(reference, texts) -> (B, embed_dim) query embeddings
+    model.embed_target(images)      -> (B, embed_dim) target / gallery embeddings
+
+so no loop branches on which model it trains. Subclasses implement `compose_features` (image
+feature x (B, image_dim) and text feature q (B, text_dim) -> query (B, embed_dim)) and, when they
+have extra loss terms, `auxiliary_losses`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composeae.config import LossConfig, ModelConfig
+from composeae.losses import batch_classification_loss, soft_triplet_loss
+from composeae.models.encoders import ImageEncoder, TextEncoder
+from composeae.models.text import TextTokenizer
+
+
+class RetrievalModel(nn.Module):
+    """Base class: encoders, target embedding, base loss and loss weighting."""
+
+    registered_name = ""
+    uses_text = True
+    """False for models that never read the modifier (they build no text encoder)."""
+
+    def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
+        super().__init__()
+        self.cfg, self.loss_cfg = cfg, loss_cfg
+        self.tokenizer = tokenizer
+        self.image_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg, tokenizer) if self.uses_text else None
+        # Targets live in the joint space; with image_dim == embed_dim this is the identity,
+        # as in the paper (ResNet fc 512 = embedding 512).
+        self.image_to_embed = (nn.Identity() if cfg.image_dim == cfg.embed_dim
+                               else nn.Linear(cfg.image_dim, cfg.embed_dim))
+        if loss_cfg.base == "batch_classification":
+            self.scale = nn.Parameter(torch.tensor(float(loss_cfg.init_scale)))
+        self.loss_weights = {"base": loss_cfg.w_base, "img_rec": loss_cfg.w_img_rec,
+                             "txt_rec": loss_cfg.w_txt_rec, "sym": loss_cfg.w_sym}
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def compose_features(self, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def auxiliary_losses(self, x: torch.Tensor, q: torch.Tensor | None, x_target: torch.Tensor,
+                         query: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    # -- the shared interface ----------------------------------------------------------------
+    def encode_text(self, texts: list[str]) -> torch.Tensor | None:
+        return self.text_encoder(texts) if self.text_encoder is not None else None
+
+    def compose(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.compose_features(self.image_encoder(reference), self.encode_text(texts))
+
+    def embed_target(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_to_embed(self.image_encoder(images))
+
+    def base_loss(self, query: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.loss_cfg.base == "batch_classification":
+            return batch_classification_loss(query, target, self.scale,
+                                             symmetric=self.loss_cfg.symmetric,
+                                             gather=self.loss_cfg.gather_negatives)
+        return soft_triplet_loss(F.normalize(query, dim=-1), F.normalize(target, dim=-1))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained at the lower backbone learning rate."""
+        return self.image_encoder.backbone_parameters()
+
+    def forward(self, reference: torch.Tensor, texts: list[str],
+                target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training losses for a batch of (reference (B,3,H,W), texts, target (B,3,H,W))."""
+        batch = reference.shape[0]
+        # One backbone pass over references and targets together: (2B, image_dim).
+        features = self.image_encoder(torch.cat([reference, target]))
+        x, x_target = features[:batch], features[batch:]
+        q = self.encode_text(texts)
+        query = self.compose_features(x, q)
+        terms = {"base": self.base_loss(query, self.image_to_embed(x_target))}
+        terms.update(self.auxiliary_losses(x, q, x_target, query))
+        terms["loss"] = sum(self.loss_weights[name] * value for name, value in terms.items())
+        return terms
