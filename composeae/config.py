@@ -161,6 +161,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
+    profile: str = "local"
+    """Profile of `ray_config.yaml` applied on top of the file (before `--set`)."""
     address: str | None = None
     """Ray address; unset starts an embedded local Ray (or joins the job's cluster)."""
     num_workers: int = 2
@@ -307,18 +309,73 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}")
+
+
+RAY_CONFIG = "ray_config.yaml"
+
+
+def _find_ray_config() -> Path | None:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / RAY_CONFIG).is_file():
+            return root / RAY_CONFIG
+    return None
+
+
+def _rebase(url: str, local_root: str, root: str) -> str:
+    """`shards/x` -> `<root>/x` when a profile moves the embedded stores elsewhere."""
+    if url == local_root or url.startswith(local_root + "/"):
+        return root.rstrip("/") + url[len(local_root):]
+    return url
+
+
+def apply_profile(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """Apply profile `name` of ray_config.yaml: its `ray` values, and its shard/run roots, which
+    replace the leading `shards/` of data.url and `runs` of train.storage."""
+    if name == "local" and _find_ray_config() is None:
+        return raw
+    path = _find_ray_config()
+    if path is None:
+        raise UserError(f"config key ray.profile={name!r} needs {RAY_CONFIG}, which was not found")
+    profiles = _read_yaml(path, "ray config") or {}
+    if name not in profiles:
+        raise UserError(f"config key ray.profile: unknown profile {name!r} in {path}; "
+                        f"known: {', '.join(profiles)}")
+    profile = profiles[name] or {}
+    unknown = set(profile) - {"shards_root", "runs_root", "ray"}
+    if unknown:
+        raise UserError(f"unknown key {sorted(unknown)[0]!r} in profile {name!r} of {path}")
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    merged.setdefault("ray", {}).update(profile.get("ray") or {})
+    data, train = merged.setdefault("data", {}), merged.setdefault("train", {})
+    if profile.get("shards_root"):
+        data["url"] = _rebase(data.get("url", DataConfig.url), "shards", profile["shards_root"])
+    if profile.get("runs_root"):
+        train["storage"] = _rebase(train.get("storage", TrainConfig.storage), "runs",
+                                   profile["runs_root"])
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when `path` is None) and apply overrides."""
+    """Read a YAML config (or the defaults when `path` is None), apply the `ray.profile` of
+    ray_config.yaml, then the `section.key=value` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}")
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+        raw = _read_yaml(Path(path), "config file") or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must be a mapping of sections")
+    overrides = list(overrides)
+    with_overrides = apply_overrides(raw, overrides)
+    profile = (with_overrides.get("ray") or {}).get("profile", RayConfig.profile)
+    if not isinstance(profile, str):
+        raise UserError(f"config key ray.profile must be a profile name, got {profile!r}")
+    return config_from_dict(apply_overrides(apply_profile(raw, profile), overrides))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

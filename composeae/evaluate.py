@@ -1,0 +1,170 @@
+"""Evaluation: embed queries and gallery across ranks, gather, score recall@K by the hit rule.
+
+Each rank embeds its own slice of the query and gallery shards (uneven slices are fine: nothing
+here is a DDP collective except the final gather). The gathered embeddings are scored with the
+pure `composeae.metrics.recall_at_k`, using the schema's hit rule: a gallery item answers a query
+when its label equals the query's target label within the same group, and the query's own
+reference image is excluded from its ranking.
+
+`run_evaluation` is `composeae eval`: it runs the same code on Ray Train workers for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from composeae.config import Config, DataConfig, EvalConfig
+from composeae.metrics import encode_labels, recall_at_k
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU when asked (or `auto`); plain fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (just `[obj]` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def _embed(model, batches, image_key: str, text_key: str | None, meta_keys: tuple[str, ...],
+           device: torch.device, precision: str) -> dict[str, Any]:
+    """Embed one rank's batches: {"emb": (N, E) float32 numpy, <meta key>: list[str]}."""
+    parts: list[np.ndarray] = []
+    meta: dict[str, list[str]] = {k: [] for k in meta_keys}
+    for batch in batches:
+        images = batch[image_key].to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            emb = (model.compose(images, list(batch[text_key])) if text_key
+                   else model.embed_target(images))
+        parts.append(emb.float().cpu().numpy())
+        for k in meta_keys:
+            meta[k].extend(batch[k])
+    meta["emb"] = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return meta
+
+
+def _merge(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    merged = {k: [v for p in parts for v in p[k]] for k in keys}
+    embs = [p["emb"] for p in parts if len(p["emb"])]
+    merged["emb"] = torch.from_numpy(np.concatenate(embs))
+    return merged
+
+
+QUERY_KEYS = ("query_id", "reference_id", "target_label", "group")
+GALLERY_KEYS = ("image_id", "label", "group")
+
+
+def evaluate(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *, rank: int,
+             world_size: int, device: torch.device, precision: str = "auto") -> dict[str, float]:
+    """Recall@K of `model` (unwrapped, any mode) on `split`; identical result on every rank."""
+    from composeae.data.stream import eval_batches
+
+    was_training = model.training
+    model.eval()
+    try:
+        batches = functools.partial(eval_batches, data, split, batch_size=eval_cfg.batch_size,
+                                    rank=rank, world_size=world_size)
+        local_q = _embed(model, batches("queries"), "reference", data.text_mode, QUERY_KEYS,
+                         device, precision)
+        local_g = _embed(model, batches("gallery"), "image", None, GALLERY_KEYS, device, precision)
+    finally:
+        model.train(was_training)
+    queries = _merge(gather_objects(local_q), QUERY_KEYS)
+    gallery = _merge(gather_objects(local_g), GALLERY_KEYS)
+    return score(queries, gallery, eval_cfg)
+
+
+def score(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, float]:
+    """Apply the hit rule to gathered embeddings and metadata."""
+    position = {image_id: i for i, image_id in enumerate(gallery["image_id"])}
+    exclude = torch.tensor([position.get(r, -1) for r in queries["reference_id"]], dtype=torch.long)
+    q_labels, g_labels = encode_labels(queries["target_label"], gallery["label"])
+    q_groups, g_groups = encode_labels(queries["group"], gallery["group"])
+    return recall_at_k(queries["emb"], gallery["emb"], q_labels, g_labels, ks=eval_cfg.ks,
+                       exclude=exclude, query_groups=q_groups, gallery_groups=g_groups,
+                       chunk_size=eval_cfg.chunk_size)
+
+
+def format_table(metrics: dict[str, float], title: str = "") -> str:
+    """A small text table of R@K values (as percentages, like the papers)."""
+    keys = [k for k in metrics if "R@" in k]
+    head = " ".join(f"{k:>10}" for k in keys)
+    row = " ".join(f"{100 * metrics[k]:>10.2f}" for k in keys)
+    return "\n".join(x for x in (title, head, row) if x)
+
+
+def _eval_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.config import config_from_dict
+
+    ctx = ray.train.get_context()
+    model, _ = model_from_checkpoint(load_checkpoint(config["checkpoint"]))
+    device = ray.train.torch.get_device()
+    model.to(device)
+    cfg = config_from_dict(config["cfg"])
+    metrics = evaluate(model, cfg.data, config["split"], cfg.eval, rank=ctx.get_world_rank(),
+                       world_size=ctx.get_world_size(), device=device, precision=cfg.train.precision)
+    ray.train.report({f"{config['split']}/{k}": v for k, v in metrics.items()})
+    if ctx.get_world_rank() == 0:
+        # Result.metrics is only kept for reports with a checkpoint; hand the table back directly.
+        from composeae.data import storage
+
+        storage.write_text(config["result_url"], json.dumps(metrics))
+
+
+def run_evaluation(checkpoint: str, data_url: str, *, split: str = "test",
+                   out: str | None = None, num_workers: int | None = None) -> dict[str, float]:
+    """`composeae eval`: evaluate a checkpoint on `data_url` with Ray Train workers."""
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from composeae.checkpoint import load_checkpoint
+    from composeae.config import config_from_dict, config_to_dict, replace
+    from composeae.data import storage
+    from composeae.data.stream import has_split
+    from composeae.errors import UserError
+    from composeae.raysetup import init_ray
+
+    cfg: Config = config_from_dict(load_checkpoint(checkpoint)["config"])
+    cfg = replace(cfg, data={"url": data_url})
+    if not has_split(cfg.data, split):
+        raise UserError(f"dataset {data_url} has no split {split!r}")
+    workers = num_workers or cfg.ray.num_workers
+    init_ray(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        result_url = f"{tmp}/metrics.json"
+        TorchTrainer(
+            _eval_worker,
+            train_loop_config={"checkpoint": checkpoint, "cfg": config_to_dict(cfg),
+                               "split": split, "result_url": result_url},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=RunConfig(name=f"eval-{split}", storage_path=tmp),
+        ).fit()
+        metrics = json.loads(storage.read_text(result_url))
+    table = {f"{split}/{k}": v for k, v in metrics.items()}
+    print(format_table(table, title=f"recall on {data_url} [{split}] (%)"))
+    if out:
+        storage.write_text(out, json.dumps(table, indent=2) + "\n")
+    return table

@@ -1,0 +1,87 @@
+"""The HTML report written at the end of a run: loss and recall curves, the recall table, the config.
+
+One self-contained file (`report.html`, pictures inlined as base64 PNG) so it can be opened from
+object storage or attached to a nightly notification.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+from composeae.config import Config, dump_config
+
+
+def _figure_png(series: dict[str, tuple[list[float], list[float]]], title: str, ylabel: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _series(history: list[dict[str, float]], prefix: str) -> dict[str, tuple[list, list]]:
+    out: dict[str, tuple[list, list]] = {}
+    for row in history:
+        for key, value in row.items():
+            if key.startswith(prefix) and isinstance(value, (int, float)):
+                xs, ys = out.setdefault(key.removeprefix(prefix), ([], []))
+                xs.append(row["step"])
+                ys.append(value)
+    return out
+
+
+def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[str, Any]) -> str:
+    """The report page as an HTML string."""
+    losses = {k: v for k, v in _series(history, "").items()
+              if k in {"loss", "base", "img_rec", "txt_rec", "sym"}}
+    recalls = _series(history, "val/")
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.2f}</td></tr>"
+                   for k, v in metrics.items() if "R@" in k)
+    pictures = [f'<img alt="training loss" src="data:image/png;base64,'
+                f'{_figure_png(losses, "training loss", "loss")}">']
+    if recalls:
+        pictures.append(f'<img alt="validation recall" src="data:image/png;base64,'
+                        f'{_figure_png(recalls, "validation recall", "recall")}">')
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>composeae run {html.escape(cfg.train.name)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .8em}}</style></head>
+<body>
+<h1>{html.escape(cfg.model.name)} on {html.escape(cfg.data.url)}</h1>
+<p>run <code>{html.escape(cfg.train.name)}</code>: {metrics.get("step")} steps,
+{metrics.get("samples_seen")} samples; best validation step {metrics.get("best_step")}.</p>
+<h2>Recall (%)</h2>
+<table><tr><th>metric</th><th>value</th></tr>{rows}</table>
+<h2>Curves</h2>
+{"".join(pictures)}
+<h2>Config</h2>
+<pre>{html.escape(dump_config(cfg))}</pre>
+</body></html>
+"""
+
+
+def write_report(run_url: str, cfg: Config, history: list[dict[str, float]],
+                 metrics: dict[str, Any]) -> str:
+    """Write `report.html` into the run directory; returns its URL."""
+    from composeae.data import storage
+
+    url = storage.join(run_url, "report.html")
+    storage.write_text(url, render_report(cfg, history, metrics))
+    return url

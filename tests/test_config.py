@@ -1,0 +1,73 @@
+"""The config tree: YAML sections map onto frozen dataclasses; bad input names the bad key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from composeae.config import Config, dump_config, load_config
+from composeae.errors import UserError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  name: tirg\ntrain:\n  steps: 7\n"),
+                      ["optim.lr=0.5", "eval.ks=[1, 10]", "eval.selection_metric=R@10",
+                       "model.bert_path=null"])
+    assert cfg.model.name == "tirg" and cfg.train.steps == 7
+    assert cfg.optim.lr == 0.5 and cfg.eval.ks == (1, 10)
+    assert cfg.loss.w_sym == 0.01  # untouched default: the paper's weight
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 3
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["model.embed_dim=64", "data.text_mode=complete"])
+    again = load_config(write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+    assert yaml.safe_load(dump_config(cfg))["model"]["embed_dim"] == 64
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    ("model:\n  nmae: tirg\n", [], "model.nmae"),
+    ("modle:\n  name: tirg\n", [], "modle"),
+    ("", ["model.embed_dim=-4"], "model.embed_dim"),
+    ("", ["loss.w_sym=-0.1"], "loss.w_sym"),
+    ("", ["model.name=resnet_magic"], "model.name"),
+    ("", ["train.steps=ten"], "train.steps"),
+    ("", ["train.steps=2.5"], "train.steps"),
+    ("", ["model.freeze_text=maybe"], "model.freeze_text"),
+    ("", ["data.text_mode=caption"], "data.text_mode"),
+    ("", ["eval.selection_metric=R@7"], "eval.selection_metric"),
+    ("", ["train.name=a/b"], "train.name"),
+    ("", ["optim.lr"], "optim.lr"),
+    ("model: [1, 2]\n", [], "model"),
+])
+def test_errors_name_the_key(tmp_path, text, overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: {name: [\n"))
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].glob("jobs/configs/*.yaml"))
+    assert configs
+    for path in configs:
+        assert isinstance(load_config(path), Config)
