@@ -65,6 +65,10 @@ def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
     if marker.exists():
         return
     marker.touch()
+    # Ray Train V2 collects reports when it polls worker health (every 2 s by default): a worker
+    # lost sooner than that after a report takes the report with it, and the run restarts from
+    # the report before. Waiting out two polls makes the drill resume from the latest checkpoint.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
     print(f"[fault injection] rank {rank} exits at step {step}", flush=True)
     os._exit(1)
 

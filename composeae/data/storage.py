@@ -1,0 +1,325 @@
+"""Where dataset bytes live: local paths and `s3://bucket/prefix` URLs behind one small API.
+
+Everything that reads or writes shards, manifests or corpora goes through these functions, so the
+rest of the data plane never branches on the kind of URL. S3 goes through boto3 with the standard
+credential chain; `AWS_ENDPOINT_URL` (read natively by boto3) points it at an S3-compatible server.
+Credentials are never taken from arguments, configs or logged.
+
+Importing this module registers an `s3` scheme in `webdataset.gopen_schemes` (webdataset has
+none), so `s3://` shard URLs stream through the same reader as `open_read`, which resumes a body
+that breaks mid-transfer with a ranged GET from the byte it reached. Registration happens at
+import time on purpose: DataLoader workers started with spawn/forkserver re-import modules and
+would lose a handler installed inside a function.
+
+Bad input (a bucket that does not exist, an unreachable endpoint, missing credentials) raises
+`UserError` with one line naming the URL; a missing object raises `FileNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from typing import IO, Iterator
+
+import boto3
+import botocore.config
+import urllib3.exceptions
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from webdataset.gopen import gopen_schemes
+
+from composeae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+S3_SCHEME = "s3://"
+# Consecutive broken reads without progress before an S3 stream gives up.
+MAX_RESUMES = 5
+# Read buffer of streams: tar members are read in small pieces; S3 pays per round trip.
+READ_BUFFER = 1 << 20
+
+# Errors that mean "the connection broke while the body was streaming", not "the request failed".
+_BROKEN_BODY = (
+    ResponseStreamingError,
+    ReadTimeoutError,
+    IncompleteReadError,
+    ConnectionClosedError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+)
+
+_clients: dict[tuple, object] = {}
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(S3_SCHEME)
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
+    bucket, _, key = url[len(S3_SCHEME):].partition("/")
+    if not bucket:
+        raise UserError(f"bad S3 URL {url!r}: expected s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+def join(url: str, *names: str) -> str:
+    """Append path components; S3 keys always use '/'."""
+    if is_s3(url):
+        return "/".join([url.rstrip("/"), *names])
+    return os.path.join(url, *names)
+
+
+def s3_client():
+    """The process's S3 client.
+
+    Cached per process id because a client must not cross a fork (DataLoader workers), and per
+    endpoint so that changing `AWS_ENDPOINT_URL` (tests, proxies) takes effect.
+    """
+    key = (os.getpid(), os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))
+    client = _clients.get(key)
+    if client is None:
+        config = botocore.config.Config(
+            # Adaptive mode backs off client-side on 503 SlowDown (S3 throttles per prefix).
+            retries={"mode": "adaptive", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 8))},
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        # A session per client: boto3's default session is not safe to share across threads.
+        client = boto3.session.Session().client("s3", config=config)
+        _clients[key] = client
+    return client
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@contextmanager
+def _s3_errors(url: str) -> Iterator[None]:
+    """Turn the S3 failures a user can fix into one-line `UserError`s naming `url`."""
+    try:
+        yield
+    except NoCredentialsError:
+        raise UserError(f"no AWS credentials for {url} (set them through the standard "
+                        f"credential chain: environment, config files or an instance role)") from None
+    except (EndpointConnectionError, ConnectTimeoutError) as exc:
+        raise UserError(f"cannot reach the S3 endpoint for {url}: {exc}") from None
+    except ClientError as exc:
+        code = _error_code(exc)
+        if code == "NoSuchBucket":
+            raise UserError(f"bucket {split_s3(url)[0]!r} does not exist ({url})") from None
+        if code in ("NoSuchKey", "404"):
+            raise FileNotFoundError(url) from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise UserError(f"access denied to {url} ({code})") from None
+        raise
+
+
+def _check_bucket(url: str) -> None:
+    """Raise `UserError` when the bucket of `url` does not exist (a 404 alone does not say)."""
+    bucket, _ = split_s3(url)
+    try:
+        with _s3_errors(url):
+            s3_client().head_bucket(Bucket=bucket)
+    except FileNotFoundError:
+        raise UserError(f"bucket {bucket!r} does not exist ({url})") from None
+
+
+def exists(url: str) -> bool:
+    if not is_s3(url):
+        return os.path.exists(url)
+    bucket, key = split_s3(url)
+    try:
+        with _s3_errors(url):
+            s3_client().head_object(Bucket=bucket, Key=key)
+        return True
+    except FileNotFoundError:
+        _check_bucket(url)
+        return False
+
+
+def read_bytes(url: str) -> bytes:
+    with open_read(url) as stream:
+        return stream.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or the new, never a part."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    tmp = _local_tmp_name(url)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def _local_tmp_name(path: str) -> str:
+    """A sibling temp name (same filesystem, so `os.replace` is atomic); creates the parent."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def upload_file(local_path: str, url: str) -> None:
+    """Copy a local file to `url` (atomically: a local replace, or one S3 object write)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            with _s3_errors(url):
+                s3_client().upload_file(local_path, bucket, key)
+        except boto3.exceptions.S3UploadFailedError:
+            _check_bucket(url)
+            raise
+        return
+    tmp = _local_tmp_name(url)
+    try:
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove(url: str) -> None:
+    """Delete one object or file; a missing one is not an error."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        with _s3_errors(url):
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    elif os.path.exists(url):
+        os.remove(url)
+
+
+def listdir(url: str) -> list[str]:
+    """Sorted names directly under `url` (objects and sub-prefixes); [] when there is nothing."""
+    if not is_s3(url):
+        return sorted(os.listdir(url)) if os.path.isdir(url) else []
+    bucket, key = split_s3(url)
+    prefix = f"{key}/" if key else ""
+    names: list[str] = []
+    with _s3_errors(url):
+        pages = s3_client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, Delimiter="/")
+        for page in pages:
+            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(names)
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A buffered binary stream over the whole object; S3 streams survive broken connections."""
+    if not is_s3(url):
+        return open(url, "rb", buffering=READ_BUFFER)
+    return io.BufferedReader(S3RangeReader(url), buffer_size=READ_BUFFER)
+
+
+class S3RangeReader(io.RawIOBase):
+    """A raw stream over one S3 object that resumes where it broke.
+
+    When the body's connection breaks (or ends early), the reader issues a new GET with
+    `Range: bytes=<offset>-` and `If-Match: <etag>` from the first byte it has not delivered,
+    so no byte is lost or repeated and a replaced object is detected rather than spliced.
+    It gives up after `MAX_RESUMES` consecutive failures without progress.
+    """
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.bucket, self.key = split_s3(url)
+        self.resumes = 0
+        self._offset = 0
+        self._failures = 0
+        self._etag = None
+        self._body, self._size = self._get(0)
+
+    def _get(self, offset: int):
+        params = {"Bucket": self.bucket, "Key": self.key}
+        if offset:
+            params.update(Range=f"bytes={offset}-", IfMatch=self._etag)
+        with _s3_errors(self.url):
+            response = s3_client().get_object(**params)
+        self._etag = response["ETag"]
+        return response["Body"], offset + response["ContentLength"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._offset >= self._size or len(buffer) == 0:
+            return 0
+        while True:
+            try:
+                n = self._body.readinto(buffer)
+                if n == 0:
+                    raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
+            except _BROKEN_BODY as exc:
+                self._resume(exc)
+                continue
+            self._offset += n
+            self._failures = 0
+            return n
+
+    def _resume(self, error: Exception) -> None:
+        self._failures += 1
+        if self._failures > MAX_RESUMES:
+            raise OSError(f"reading {self.url} failed at byte {self._offset} of {self._size} "
+                          f"after {MAX_RESUMES} resumed GETs: {error}") from error
+        log.warning("S3 read of %s broke at byte %d of %d (%s); resuming with a ranged GET",
+                    self.url, self._offset, self._size, error)
+        self._body.close()
+        # Short backoff: a broken connection is often a transient network or server event.
+        time.sleep(0.05 * 2 ** (self._failures - 1))
+        self.resumes += 1
+        try:
+            self._body, _ = self._get(self._offset)
+        except ClientError as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412"):
+                raise OSError(f"{self.url} changed while it was being read") from None
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> IO[bytes]:
+    """webdataset's opener for `s3://` URLs (read-only: shards are written through `upload_file`)."""
+    if mode != "rb":
+        raise ValueError(f"s3 URLs open for reading only, not mode {mode!r}: {url}")
+    return open_read(url)
+
+
+gopen_schemes["s3"] = _gopen_s3
