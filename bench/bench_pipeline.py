@@ -35,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", default="small", choices=("tiny", "small", "full"))
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = floor processes")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers, and processes of the floor")
     parser.add_argument("--repeats", type=int, default=5)
     return parser.parse_args()
 
@@ -86,8 +87,8 @@ def _decode_range(args: tuple[int, int, int, int]) -> tuple[int, float]:
     return stop - start, time.process_time() - cpu
 
 
-def run_floor(pool, args: argparse.Namespace) -> tuple[float, float]:
-    """(samples/s, CPU us per sample) decoding every in-memory triplet once."""
+def run_floor(pool, args: argparse.Namespace) -> tuple[float, float, float]:
+    """(samples/s, CPU us per sample, of which in this process) decoding every triplet once."""
     n, parts = len(_FLOOR_SAMPLES), max(args.workers, 1)
     chunks = [(i * n // parts, (i + 1) * n // parts, args.image_size, args.batch_size)
               for i in range(parts)]
@@ -95,7 +96,8 @@ def run_floor(pool, args: argparse.Namespace) -> tuple[float, float]:
     results = pool.map(_decode_range, chunks) if pool else [_decode_range(chunks[0])]
     wall = time.perf_counter() - start
     done = sum(r[0] for r in results)
-    return done / wall, 1e6 * sum(r[1] for r in results) / done
+    cpu = 1e6 * sum(r[1] for r in results) / done
+    return done / wall, cpu, 0.0 if pool else cpu
 
 
 def load_floor_samples(url: str) -> None:
@@ -109,25 +111,26 @@ def load_floor_samples(url: str) -> None:
 
 # --- pipeline -------------------------------------------------------------------------------
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the DataLoader workers)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of (this process, its finished children: the DataLoader workers)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return time.process_time(), children.ru_utime + children.ru_stime
 
 
-def run_pipeline(url: str, args: argparse.Namespace, epoch: int) -> tuple[float, float]:
-    """(samples/s, CPU us per sample, workers included) over one full epoch."""
+def run_pipeline(url: str, args: argparse.Namespace, epoch: int) -> tuple[float, float, float]:
+    """(samples/s, CPU us per sample in all processes, of which in this one) over one epoch."""
     from composeae.config import DataConfig
     from composeae.data.stream import TrainStream
 
     data = DataConfig(url=url, image_size=args.image_size, loader_workers=args.workers,
                       shuffle_buffer=500)
     stream = TrainStream(data, args.batch_size, rank=0, world_size=1, seed=0)
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    (main0, workers0), start = _cpu_seconds(), time.perf_counter()
     samples = sum(len(batch["modifier"]) for batch in stream.epoch(epoch))
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    wall, (main1, workers1) = time.perf_counter() - start, _cpu_seconds()
     assert samples == stream.steps_per_epoch * args.batch_size
-    return samples / wall, 1e6 * cpu / samples
+    main = 1e6 * (main1 - main0) / samples
+    return samples / wall, main + 1e6 * (workers1 - workers0) / samples, main
 
 
 def main() -> None:
@@ -135,7 +138,7 @@ def main() -> None:
     from composeae.data.synth import generate
 
     server, _ = start_s3()
-    rows: dict[str, list[tuple[float, float]]] = {"floor": [], "local": [], "s3": []}
+    rows: dict[str, list[tuple[float, float, float]]] = {"floor": [], "local": [], "s3": []}
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "css-synth")
         manifest = generate(local, preset=args.preset, seed=0, image_size=args.image_size)
@@ -156,16 +159,18 @@ def main() -> None:
 
     median = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
     cpu = {k: statistics.median(r[1] for r in v) for k, v in rows.items()}
+    main_cpu = {k: statistics.median(r[2] for r in v) for k, v in rows.items()}
     count = manifest["splits"]["train"]["triplets"]["count"]
-    print(f"CSS-synth {args.preset}: {count} triplets ({2 * count} images) at {args.image_size} px, "
+    print(f"CSS-synth {args.preset}: {count} triplets ({2 * count} images) at "
+          f"{args.image_size} px, "
           f"batch {args.batch_size}, {args.workers} worker processes, {args.repeats} repeats; "
           f"medians; a sample is a triplet")
     print(f"{'source':<8}{'samples/s':>11}{'min':>8}{'max':>8}{'vs floor':>10}"
-          f"{'CPU us/sample':>15}{'floor/CPU':>11}")
+          f"{'CPU us/sample':>15}{'in main':>9}{'floor/CPU':>11}")
     for name, values in rows.items():
         rates = [v[0] for v in values]
         print(f"{name:<8}{median[name]:>11.0f}{min(rates):>8.0f}{max(rates):>8.0f}"
-              f"{median[name] / median['floor']:>10.2f}{cpu[name]:>15.0f}"
+              f"{median[name] / median['floor']:>10.2f}{cpu[name]:>15.0f}{main_cpu[name]:>9.0f}"
               f"{cpu['floor'] / cpu[name]:>11.2f}")
     local_vs_floor = median["local"] / median["floor"]
     s3_vs_local = median["s3"] / median["local"]

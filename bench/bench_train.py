@@ -158,7 +158,7 @@ def main() -> None:
         generate(shards, preset="tiny", seed=0, image_size=64)
         cfg = bench_config(shards, args.steps)
         batches = memory_batches(cfg, args.steps)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False)
         rows: dict[str, list[float]] = {"plain": [], "ray-memory": [], "ray-stream": []}
         for _ in range(args.repeats):
             rows["plain"].append(plain_loop(cfg, batches))

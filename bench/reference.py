@@ -1,4 +1,4 @@
-"""Reference algorithm of the official code (re-stated), used only as the baseline of the benchmarks.
+"""Reference algorithm of the official code (re-stated): the baseline of the benchmarks.
 
 These functions re-state, in plain Python / numpy, what the official TIRG and ComposeAE code
 computes, so the benchmarks can time it beside composeae's versions:

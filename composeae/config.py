@@ -370,6 +370,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raw = _read_yaml(Path(path), "config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections")
+        for name, section in raw.items():
+            if section is not None and not isinstance(section, dict):
+                raise UserError(f"config section {name} must be a mapping, got {section!r}")
     overrides = list(overrides)
     with_overrides = apply_overrides(raw, overrides)
     profile = (with_overrides.get("ray") or {}).get("profile", RayConfig.profile)

@@ -144,10 +144,11 @@ def run_evaluation(checkpoint: str, data_url: str, *, split: str = "test",
     from composeae.data import storage
     from composeae.data.stream import has_split
     from composeae.errors import UserError
-    from composeae.raysetup import init_ray
+    from composeae.raysetup import absolute_paths, absolute_url, init_ray
 
+    checkpoint = absolute_url(checkpoint)
     cfg: Config = config_from_dict(load_checkpoint(checkpoint)["config"])
-    cfg = replace(cfg, data={"url": data_url})
+    cfg = absolute_paths(replace(cfg, data={"url": data_url}))
     if not has_split(cfg.data, split):
         raise UserError(f"dataset {data_url} has no split {split!r}")
     workers = num_workers or cfg.ray.num_workers

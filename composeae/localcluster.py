@@ -30,6 +30,7 @@ class LocalHead:
         self.port, self.dashboard_port = free_port(), free_port()
         self.bin = Path(sys.executable).parent
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "disabled"}
+        self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
         self.env.pop("RAY_ADDRESS", None)
         # Jobs run `python` from PATH: make it this environment's interpreter.
         self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"
@@ -40,6 +41,8 @@ class LocalHead:
                               text=True, timeout=timeout, check=check)
 
     def __enter__(self) -> "LocalHead":
+        # The job SDK in this process talks to the same unauthenticated head.
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         self._ray("start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}",
                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                   "--include-dashboard=true", "--disable-usage-stats")
@@ -47,22 +50,27 @@ class LocalHead:
 
     def __exit__(self, *exc) -> None:
         self._ray("stop", "--force", check=False)
+        if self._saved_auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
 
     def submit(self, entrypoint: list[str], working_dir: str, submission_id: str) -> None:
         """Submit without waiting (`ray job submit --no-wait`)."""
         self._ray("job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
                   f"--submission-id={submission_id}", "--no-wait", "--", *entrypoint)
 
+    def _client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address)
+
     def status(self, submission_id: str) -> str:
-        out = self._ray("job", "status", f"--address={self.address}", submission_id).stdout
-        for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-            if state in out:
-                return state
-        return "UNKNOWN"
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+        return str(self._client().get_job_status(submission_id).value)
 
     def logs(self, submission_id: str) -> str:
-        return self._ray("job", "logs", f"--address={self.address}", submission_id,
-                         check=False).stdout
+        return self._client().get_job_logs(submission_id)
 
     def wait(self, submission_id: str, timeout: float = 600, poll: float = 2.0) -> str:
         """Poll until the job ends; returns its final state."""

@@ -19,6 +19,8 @@ The reconstruction term is torch.nn.MSELoss() with its default mean reduction, a
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,6 +33,12 @@ __all__ = [
     "sample_soft_triplets",
     "soft_triplet_loss",
 ]
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; other dtypes unchanged. The losses compute in full
+    precision whatever autocast produced upstream; autograd casts the gradient back."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 # -- gathering across ranks -----------------------------------------------------------------------
@@ -56,7 +64,8 @@ class _AllGather(torch.autograd.Function):
     def forward(ctx, x: Tensor, sizes: list[int], rank: int) -> Tensor:
         width = max(sizes)
         # gloo and NCCL need equal shapes: pad to the largest slice, strip after.
-        padded = x if x.shape[0] == width else F.pad(x, (0, 0) * (x.dim() - 1) + (0, width - x.shape[0]))
+        padding = (0, 0) * (x.dim() - 1) + (0, width - x.shape[0])
+        padded = F.pad(x, padding) if x.shape[0] < width else x
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded.contiguous())
         ctx.sizes, ctx.rank = sizes, rank
@@ -126,23 +135,25 @@ def batch_classification_loss(
     if query.dim() != 2 or query.shape != target.shape:
         raise ValueError(f"query and target must both be (B, D); got {tuple(query.shape)} "
                          f"and {tuple(target.shape)}")
-    q = F.normalize(query, dim=1)  # (B, D)
-    t = F.normalize(target, dim=1)  # (B, D)
-    # Normalised features are gathered and scale^2 is applied once to the logits, so the scale's
-    # gradient stays local to each rank (DDP averages it like any parameter).
-    offset = 0
-    q_all, t_all = q, t  # (N, D), N = B summed over ranks when gathering
-    if gather and symmetric:
-        # One collective for both sides: (B, 2D) -> (N, 2D).
-        both, offset = _gather(torch.cat([q, t], dim=1))
-        q_all, t_all = both.split(q.shape[1], dim=1)
-    elif gather:
-        t_all, offset = _gather(t)
-    labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
-    logit_scale = scale * scale
-    loss = F.cross_entropy(logit_scale * (q @ t_all.T), labels)  # logits (B, N)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logit_scale * (t @ q_all.T), labels))
+    # Logits in full precision even under bf16 autocast: s^2 = 16 magnifies bf16's rounding.
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q = F.normalize(_full_precision(query), dim=1)  # (B, D)
+        t = F.normalize(_full_precision(target), dim=1)  # (B, D)
+        # Normalised features are gathered and scale^2 is applied once to the logits, so the
+        # scale's gradient stays local to each rank (DDP averages it like any parameter).
+        offset = 0
+        q_all, t_all = q, t  # (N, D), N = B summed over ranks when gathering
+        if gather and symmetric:
+            # One collective for both sides: (B, 2D) -> (N, 2D).
+            both, offset = _gather(torch.cat([q, t], dim=1))
+            q_all, t_all = both.split(q.shape[1], dim=1)
+        elif gather:
+            t_all, offset = _gather(t)
+        labels = torch.arange(q.shape[0], device=q.device) + offset  # (B,)
+        logit_scale = scale * scale
+        loss = F.cross_entropy(logit_scale * (q @ t_all.T), labels)  # logits (B, N)
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(logit_scale * (t @ q_all.T), labels))
     return loss
 
 
@@ -156,21 +167,20 @@ def sample_soft_triplets(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Triplets for the soft triplet loss over the 2B embeddings [query; target], as a table.
+    """Negatives for the soft triplet loss over the 2B embeddings [query; target].
 
-    Returns (2B, 1 + m) int64, m = min(triplets_per_anchor, 2B - 2). Row i belongs to anchor i:
-    column 0 is its positive, the other half of its pair ((i + B) mod 2B); columns 1..m are m
-    distinct negatives drawn uniformly without replacement from the 2B - 2 embeddings of the
-    other pairs. The triplets are (i, table[i, 0], table[i, c]) for c >= 1. This is the
-    distribution of the official sampler, which lists every (i, positive, k), shuffles the list
-    and keeps the first 3.
+    Returns (2B, m) int64, m = min(triplets_per_anchor, 2B - 2): row i holds m distinct indices
+    drawn uniformly without replacement from the 2B - 2 embeddings of the other pairs. Anchor i's
+    positive is implicit: the other half of its pair, (i + B) mod 2B. The triplets are therefore
+    (i, (i + B) mod 2B, negatives[i, c]). This is the distribution of the official sampler, which
+    lists every (i, positive, k), shuffles the list and keeps the first 3.
 
     Sampling is Floyd's algorithm run for all anchors at once (m small vectorised steps, no loop
     over anchors); draws come from `generator` (on its device), so a seeded generator reproduces
     the table.
     """
     if batch_size < 2:
-        raise ValueError(f"the soft triplet loss needs a batch of at least 2 pairs; got {batch_size}")
+        raise ValueError(f"the soft triplet loss needs at least 2 pairs per batch; got {batch_size}")
     if triplets_per_anchor < 1:
         raise ValueError(f"triplets_per_anchor must be >= 1; got {triplets_per_anchor}")
     n = 2 * batch_size
@@ -178,62 +188,101 @@ def sample_soft_triplets(
     m = min(triplets_per_anchor, candidates)
     on = generator.device if generator is not None else torch.device(device or "cpu")
     # Floyd: step t draws uniformly from [0, candidates - m + t]; a value already taken is
-    # replaced by that upper bound, which no earlier step could draw. One rand call for all steps.
-    bounds = torch.arange(candidates - m + 1, candidates + 1, device=on)  # (m,)
-    picks = (torch.rand(n, m, generator=generator, device=on) * bounds).long()  # (2B, m)
+    # replaced by that upper bound, which no earlier step could draw. One rand call for all
+    # steps, laid out (m, 2B) so each step's draws are one contiguous row.
+    bounds = torch.arange(candidates - m + 1, candidates + 1, device=on)[:, None]  # (m, 1)
+    draws = (torch.rand(m, n, generator=generator, device=on) * bounds).long()  # (m, 2B)
+    picks = [draws[0]]
     for t in range(1, m):
-        taken = (picks[:, :t] == picks[:, t : t + 1]).any(dim=1)  # (2B,)
-        picks[:, t] = torch.where(taken, candidates - m + t, picks[:, t])
-    # Candidate position r -> embedding index. Anchor i's pair occupies slots lo = i mod B and
-    # lo + B; walking forward from lo + 1 (mod 2B) and hopping over lo + B visits the others.
-    anchor = torch.arange(n, device=on)[:, None]  # (2B, 1)
-    negatives = (anchor % batch_size + 1 + picks + (picks >= batch_size - 1)) % n  # (2B, m)
-    table = torch.cat([(anchor + batch_size) % n, negatives], dim=1)  # (2B, 1 + m)
-    return table.to(device) if device is not None else table
+        taken = draws[t] == picks[0]
+        for earlier in picks[1:]:
+            taken |= draws[t] == earlier
+        picks.append(torch.where(taken, candidates - m + t, draws[t]))
+    rank = torch.stack(picks, dim=1)  # (2B, m) positions among the candidates
+    # Position r -> embedding index. Anchor i's pair occupies slots lo = i mod B and lo + B;
+    # walking forward from lo + 1 (mod 2B) and hopping over lo + B visits the other 2B - 2.
+    start = torch.arange(n, device=on)[:, None] % batch_size + 1  # (2B, 1)
+    negatives = (start + rank + (rank >= batch_size - 1)) % n
+    return negatives.to(device) if device is not None else negatives
+
+
+def _sparse_rows(columns: Tensor, size: int, dtype: torch.dtype) -> Tensor:
+    """A (N, size) CSR pattern holding, in row i, the m column indices columns[i] (N, m) (sorted
+    ascending), with zero values."""
+    n, m = columns.shape
+    crow = torch.arange(0, n * m + 1, m, device=columns.device)
+    values = torch.zeros(n * m, dtype=dtype, device=columns.device)
+    with warnings.catch_warnings():
+        # CSR construction warns once per process that CSR support is "beta"; here it is only
+        # the pattern that sampled_addmm reads.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, columns.reshape(-1), values, (n, size),
+                                       check_invariants=False)
 
 
 class _SoftTriplet(torch.autograd.Function):
-    """Soft triplet loss with a hand-written backward: one autograd node instead of ~20, and no
-    2B x 2B matrix.
+    """Soft triplet loss with a hand-written backward: one autograd node, no 2B x 2B matrix and
+    no (2B, m, D) gathered copy.
 
     Rows of x = [query; target] (2B, D) are normalised to u. Because |s a - s b|^2 = 2 s^2 (1 - a.b)
     for unit a and b, d_ij - d_ik = 2 s^2 (u_i.u_k - u_i.u_j) =: z_ik, and the loss is
-    mean softplus(z). Only the 2B (1 + m) dot products the table names are formed.
+    mean softplus(z). The 2B m products u_i.u_k are a sampled matrix product (u u^T read only at
+    the sampled pattern); the gradient w.r.t. u is a sparse-dense product (C + C^T) u, with C
+    the (2B, 2B) matrix of dL/d(u_i.u_t).
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, target: Tensor, scale: Tensor, table: Tensor) -> Tensor:
+    def forward(ctx, query: Tensor, target: Tensor, scale: Tensor, negatives: Tensor) -> Tensor:
+        batch = query.shape[0]
         u = torch.cat([query, target])  # (N, D), N = 2B
         inv_norm = u.norm(dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()  # (N, 1)
         u.mul_(inv_norm)  # unit rows, in place on the fresh concatenation
-        n, width = table.shape
-        others = u.index_select(0, table.view(-1)).view(n, width, -1)  # (N, 1 + m, D)
-        cos = torch.linalg.vecdot(others, u.unsqueeze(1))  # (N, 1 + m): u_i.u_j, then u_i.u_k
-        gap = cos[:, 1:] - cos[:, :1]  # (N, m)
+        n, m = negatives.shape
+        pos = torch.linalg.vecdot(u[:batch], u[batch:])  # (B,): u_i.u_j, shared by both anchors
+        # The loss does not depend on the order of an anchor's negatives; CSR wants them sorted.
+        columns = negatives.sort(dim=1).values  # (N, m)
+        pattern = _sparse_rows(columns, n, u.dtype)
+        cos = torch.sparse.sampled_addmm(pattern, u, u.T, beta=0.0).values().view(n, m)
+        gap = (cos.view(2, batch, m) - pos[:, None]).view(n, m)  # (N, m): u_i.u_k - u_i.u_j
         z = gap * (2 * scale * scale)
-        ctx.save_for_backward(u, inv_norm, others, table, gap, z, scale)
+        ctx.save_for_backward(u, inv_norm, columns, gap, z, scale)
         return F.softplus(z).mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
-        u, inv_norm, others, table, gap, z, scale = ctx.saved_tensors
-        n, width = table.shape
+        # backward() may be called inside an autocast region; keep the products in full precision.
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            return _SoftTriplet._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
+        u, inv_norm, columns, gap, z, scale = ctx.saved_tensors
+        n, m = columns.shape
+        batch = n // 2
         dz = torch.sigmoid(z).mul_(grad / z.numel())  # (N, m): dL/dz
-        # dL/dcos: +2 s^2 dz per negative, -2 s^2 sum(dz) for the positive.
-        dcos = torch.cat([-dz.sum(dim=1, keepdim=True), dz], dim=1).mul_(2 * scale * scale)
-        # cos_ic = u_i . u_t with t = table[i, c]: anchors collect dcos_ic u_t (a batched
-        # (1, 1+m) @ (1+m, D)) ...
-        grad_u = torch.bmm(dcos.unsqueeze(1), others).squeeze(1)  # (N, D)
-        # ... and every row t named in the table receives dcos_ic u_i.
-        grad_u.index_add_(0, table.view(-1), (dcos.unsqueeze(2) * u.unsqueeze(1)).view(n * width, -1))
+        dneg = dz * (2 * scale * scale)  # (N, m): dL/d(u_i.u_k)
+        # dL/d(u_i.u_j) = -sum_k dneg for each anchor; both anchors of a pair share the product.
+        dpos = dneg.sum(dim=1).neg_()  # (N,)
+        dpair = (dpos[:batch] + dpos[batch:]).unsqueeze(1)  # (B, 1)
+        # d(a.b)/da = b and d(a.b)/db = a, so grad_u = (C + C^T) u. The negatives' part as one
+        # sparse (N, N) @ (N, D) product (duplicate entries are summed) ...
+        anchor = torch.arange(n, device=u.device).repeat_interleave(m)  # (N m,)
+        flat = columns.reshape(-1)  # (N m,)
+        weights = dneg.reshape(-1)
+        coefficients = torch.sparse_coo_tensor(
+            torch.stack([torch.cat([anchor, flat]), torch.cat([flat, anchor])]),
+            torch.cat([weights, weights]), (n, n), check_invariants=False)
+        grad_u = torch.sparse.mm(coefficients, u)  # (N, D)
+        # ... and the pairs' part: rows p and p + B each receive dpair_p times the other.
+        grad_u[:batch].addcmul_(dpair, u[batch:])
+        grad_u[batch:].addcmul_(dpair, u[:batch])
         # Through u = x / |x|: remove the radial component, divide by |x|.
         radial = torch.linalg.vecdot(grad_u, u).unsqueeze(1)  # (N, 1)
         grad_x = grad_u.addcmul_(u, radial, value=-1).mul_(inv_norm)  # (N, D)
         grad_scale = None
         if ctx.needs_input_grad[2]:
             grad_scale = (dz * gap).sum() * (4 * scale)  # z = 2 s^2 gap, so dz/ds = 4 s gap
-        batch = n // 2
         return grad_x[:batch], grad_x[batch:], grad_scale, None
 
 
@@ -244,7 +293,7 @@ def soft_triplet_loss(
     triplets_per_anchor: int = 3,
     generator: torch.Generator | None = None,
     scale: Tensor | float = 1.0,
-    triplets: Tensor | None = None,
+    negatives: Tensor | None = None,
 ) -> Tensor:
     """The official soft triplet loss on query (B, D) and target (B, D), vectorised.
 
@@ -258,21 +307,23 @@ def soft_triplet_loss(
     Gradient: the true one. The official legacy autograd Function's backward drops the factor 2
     of d|a - b|^2 / da, so an official run trains with half of this loss's gradient.
 
-    triplets: a (2B, 1 + m) table as `sample_soft_triplets` returns (column 0 the positive);
-    sampled with `generator` otherwise (m = min(triplets_per_anchor, 2B - 2)). B must be at
-    least 2. Not twice differentiable.
+    negatives: a (2B, m) table as `sample_soft_triplets` returns; sampled with `generator`
+    otherwise (m = min(triplets_per_anchor, 2B - 2)). B must be at least 2. Computed in float32
+    (or float64) whatever the input precision; not twice differentiable.
     """
     if query.dim() != 2 or query.shape != target.shape:
         raise ValueError(f"query and target must both be (B, D); got {tuple(query.shape)} "
                          f"and {tuple(target.shape)}")
-    if triplets is None:
-        triplets = sample_soft_triplets(query.shape[0], triplets_per_anchor, generator=generator,
-                                        device=query.device)
-    elif triplets.dim() != 2 or triplets.shape[0] != 2 * query.shape[0] or triplets.shape[1] < 2:
-        raise ValueError(f"triplets must be a (2B, 1 + m) table with B = {query.shape[0]}; "
-                         f"got {tuple(triplets.shape)}")
+    if negatives is None:
+        negatives = sample_soft_triplets(query.shape[0], triplets_per_anchor, generator=generator,
+                                         device=query.device)
+    elif negatives.dim() != 2 or negatives.shape[0] != 2 * query.shape[0]:
+        raise ValueError(f"negatives must be a (2B, m) table with B = {query.shape[0]}; "
+                         f"got {tuple(negatives.shape)}")
+    query, target = _full_precision(query), _full_precision(target)
     scale_t = torch.as_tensor(scale, dtype=query.dtype, device=query.device)
-    return _SoftTriplet.apply(query, target, scale_t, triplets.to(query.device))
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        return _SoftTriplet.apply(query, target, scale_t, negatives.to(query.device))
 
 
 # -- ComposeAE's autoencoder term ------------------------------------------------------------
@@ -282,5 +333,5 @@ def reconstruction_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over all elements (torch.nn.MSELoss() as ComposeAE's `main.py` uses it
     on the decoded image feature vs x and the decoded text feature vs q)."""
     if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     return F.mse_loss(pred, target)

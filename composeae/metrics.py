@@ -29,8 +29,8 @@ __all__ = ["NO_HIT", "encode_labels", "first_hit_rank", "recall_at_k"]
 NO_HIT = torch.iinfo(torch.int64).max
 """The rank of a query with no valid hit in its gallery: a miss at every K."""
 
-# Above this many hits per query (relative to the gallery) the hit similarities are read from a
-# (chunk, G) label-match mask instead of gathered by index.
+# A chunk whose queries have at most G / _GATHER_MAX_FRACTION hits each reads the hits'
+# similarities by index; with more (class-level labels) it goes through a (chunk, G) match mask.
 _GATHER_MAX_FRACTION = 8
 
 # Largest count of 1.0s that a float sum holds exactly.
@@ -162,6 +162,10 @@ def first_hit_rank(
     for group in torch.unique(query_groups):
         query_idx = torch.nonzero(query_groups == group).squeeze(1)
         gallery_idx = torch.nonzero(gallery_groups == group).squeeze(1)
+        if query_idx.numel() == num_query and gallery_idx.numel() == num_gallery:
+            # One group holding everything: no sub-gallery copy.
+            return _ranks_one_gallery(query, gallery, query_labels, gallery_labels, exclude,
+                                      chunk_size, normalize)
         position.fill_(-1)
         position[gallery_idx] = torch.arange(gallery_idx.numel(), device=device)
         group_exclude = None

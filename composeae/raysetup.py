@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from composeae.config import Config
+from composeae.config import Config, replace
 
 
 def init_ray(cfg: Config) -> None:
@@ -24,13 +24,17 @@ def init_ray(cfg: Config) -> None:
         return
     # Enough logical CPUs for the workers (plus the Train controller), whatever the core count.
     need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True)
+    # The dashboard stays on: people watch runs there, and Ray Train's cleanup polls its state API.
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True)
 
 
-def ray_storage_path(url: str) -> str:
-    """Ray Train's `storage_path`: absolute for local directories; `s3://` URLs go to pyarrow,
-    which honours AWS_ENDPOINT_URL for S3-compatible servers."""
-    if url.startswith("s3://"):
-        return url
-    return str(Path(url).resolve())
+def absolute_url(url: str) -> str:
+    """A local path made absolute (Ray workers do not run in the driver's directory); `s3://`
+    URLs unchanged (pyarrow and boto3 honour AWS_ENDPOINT_URL for S3-compatible servers)."""
+    return url if url.startswith("s3://") else str(Path(url).resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with its dataset and run storage URLs made absolute."""
+    return replace(cfg, data={"url": absolute_url(cfg.data.url)},
+                   train={"storage": absolute_url(cfg.train.storage)})

@@ -147,7 +147,8 @@ class _Progress:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
+                # TensorBoard tags allow no "@": R@1 is written as R_1.
+                self.writer.add_scalar(k.replace("@", "_"), v, step)
             self.writer.flush()
 
 
@@ -261,10 +262,10 @@ def run_training(cfg: Config) -> dict[str, Any]:
     from composeae.data.stream import has_split, load_corpus
     from composeae.errors import UserError
     from composeae.models.text import build_tokenizer
-    from composeae.raysetup import init_ray, ray_storage_path
+    from composeae.raysetup import absolute_paths, init_ray
     from composeae.report import write_report
 
-    cfg = prepare_data(cfg)
+    cfg = prepare_data(absolute_paths(cfg))
     if not has_split(cfg.data, cfg.eval.test_split):
         raise UserError(f"dataset {cfg.data.url} has no split {cfg.eval.test_split!r}")
     tokenizer = build_tokenizer(cfg.model.text_encoder, load_corpus(cfg.data),
@@ -283,7 +284,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
-            name=cfg.train.name, storage_path=ray_storage_path(cfg.train.storage),
+            name=cfg.train.name, storage_path=cfg.train.storage,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="score",

@@ -71,3 +71,28 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         assert isinstance(load_config(path), Config)
+
+
+def test_cluster_profile_moves_stores_to_s3():
+    from pathlib import Path
+
+    tiny = Path(__file__).parents[1] / "jobs" / "configs" / "tiny.yaml"
+    local = load_config(tiny)
+    cluster = load_config(tiny, ["ray.profile=cluster"])
+    assert (local.data.url, local.train.storage) == ("shards/css-synth-tiny", "runs")
+    assert cluster.data.url.startswith("s3://") and cluster.data.url.endswith("/css-synth-tiny")
+    assert cluster.train.storage.startswith("s3://")
+    assert cluster.ray.use_gpu and cluster.ray.profile == "cluster"
+    # --set still wins over the profile.
+    assert load_config(tiny, ["ray.profile=cluster", "ray.num_workers=3"]).ray.num_workers == 3
+    with pytest.raises(UserError, match="ray.profile"):
+        load_config(tiny, ["ray.profile=moon"])
+
+
+def test_models_command_lists_the_registry(capsys):
+    from composeae.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("composeae", "tirg", "concat", "realspace_concat_ae", "image_only", "text_only"):
+        assert name in out

@@ -23,7 +23,7 @@ from composeae.losses import (
 # -- oracles -----------------------------------------------------------------------------------
 
 
-def soft_triplet_oracle(query, target, scale, table, normalize=True):
+def soft_triplet_oracle(query, target, scale, negatives, normalize=True):
     """The official formula as a plain loop over triplets: x = s * x / |x| on [query; target]
     (the official NormalizationLayer), d = squared L2 distance, loss = mean log(1 + exp(d_ij -
     d_ik)). normalize=False applies the formula to the given features as they are."""
@@ -33,18 +33,20 @@ def soft_triplet_oracle(query, target, scale, table, normalize=True):
         x = scale * x / torch.norm(x, dim=1, keepdim=True)
     terms = []
     for i in range(2 * batch):
-        j, *negatives = table[i].tolist()
-        for k in negatives:
+        j = (i + batch) % (2 * batch)
+        for k in negatives[i].tolist():
             d_ij = ((x[i] - x[j]) ** 2).sum()
             d_ik = ((x[i] - x[k]) ** 2).sum()
             terms.append(torch.log(1 + torch.exp(d_ij - d_ik)))
     return torch.stack(terms).mean()
 
 
-def legacy_backward_oracle(features, table):
+def legacy_backward_oracle(features, negatives):
     """What the official legacy autograd Function's backward returned for features (2B, D), as
     its loop writes it (f * feature differences, no factor 2)."""
-    triplets = [(i, row[0], k) for i, row in enumerate(table.tolist()) for k in row[1:]]
+    batch = features.shape[0] // 2
+    triplets = [(i, (i + batch) % (2 * batch), k)
+                for i, row in enumerate(negatives.tolist()) for k in row]
     dist_sq = torch.cdist(features, features) ** 2
     grad = torch.zeros_like(features)
     for i, j, k in triplets:
@@ -68,22 +70,29 @@ def classification_oracle(query, target, scale, symmetric):
     return (forward + backward) / 2
 
 
-def leaves(*shapes, dtype=torch.float64, seed=0):
+def leaves(*shapes, dtype=torch.float64, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=gen, dtype=dtype).requires_grad_() for shape in shapes]
+    return [torch.randn(shape, generator=gen, dtype=dtype).to(device).requires_grad_()
+            for shape in shapes]
+
+
+# The CUDA runs (sparse kernels, cuBLAS) happen wherever a GPU is present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # -- soft triplet ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("batch,per_anchor", [(2, 3), (5, 3), (16, 3), (7, 5)])
-def test_soft_triplet_matches_loop_oracle_value_and_gradient(dtype, batch, per_anchor):
-    query, target, scale = leaves((batch, 24), (batch, 24), (), dtype=dtype, seed=batch)
+def test_soft_triplet_matches_loop_oracle_value_and_gradient(device, dtype, batch, per_anchor):
+    query, target, scale = leaves((batch, 24), (batch, 24), (), dtype=dtype, seed=batch,
+                                  device=device)
     with torch.no_grad():
         scale.copy_(torch.tensor(4.0))  # the official initial scale
     table = sample_soft_triplets(batch, per_anchor, generator=torch.Generator().manual_seed(1))
-    ours = soft_triplet_loss(query, target, scale=scale, triplets=table)
+    ours = soft_triplet_loss(query, target, scale=scale, negatives=table)
     grads = torch.autograd.grad(ours, [query, target, scale])
     oracle = soft_triplet_oracle(query, target, scale, table)
     expected = torch.autograd.grad(oracle, [query, target, scale])
@@ -96,7 +105,7 @@ def test_soft_triplet_generator_and_injected_table_agree():
     query, target = leaves((6, 8), (6, 8))
     sampled = soft_triplet_loss(query, target, generator=torch.Generator().manual_seed(3))
     table = sample_soft_triplets(6, generator=torch.Generator().manual_seed(3))
-    injected = soft_triplet_loss(query, target, triplets=table)
+    injected = soft_triplet_loss(query, target, negatives=table)
     assert sampled.item() == injected.item()
     assert injected.item() == pytest.approx(soft_triplet_oracle(query, target, 1.0, table).item(),
                                             abs=1e-12)
@@ -114,26 +123,30 @@ def test_official_legacy_backward_is_half_the_true_gradient():
 
 
 @pytest.mark.parametrize("batch,per_anchor", [(2, 3), (3, 3), (8, 3), (8, 14), (8, 40)])
-def test_sampled_triplets_pair_positive_with_distinct_negatives(batch, per_anchor):
+def test_sampled_negatives_are_distinct_and_from_other_pairs(batch, per_anchor):
     table = sample_soft_triplets(batch, per_anchor, generator=torch.Generator().manual_seed(0))
     m = min(per_anchor, 2 * batch - 2)
-    assert table.shape == (2 * batch, 1 + m) and table.dtype == torch.long
-    for i, (positive, *negatives) in enumerate(table.tolist()):
-        assert positive == (i + batch) % (2 * batch)
+    assert table.shape == (2 * batch, m) and table.dtype == torch.long
+    for i, negatives in enumerate(table.tolist()):
         assert len(set(negatives)) == m
         assert all(0 <= k < 2 * batch and k % batch != i % batch for k in negatives)
 
 
-def test_sampler_is_uniform_over_the_other_pairs():
-    # Anchor 0 of B = 4 has 6 candidates; 3 of them per draw, so each should appear in half of
-    # the draws. 4000 draws: std of a count is ~32, a 5-sigma band is +-160.
+def test_sampler_draws_every_subset_of_negatives_equally_often():
+    # B = 4: an anchor has 6 candidates, so C(6, 3) = 20 possible negative sets, each expected
+    # 200 times in 4000 draws (std ~14; the band is 5 sigma). Anchor 0 (query half) and anchor 5
+    # (target half, whose walk wraps around) both.
     gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(8)
+    seen = {0: {}, 5: {}}
     for _ in range(4000):
-        counts.index_add_(0, sample_soft_triplets(4, generator=gen)[0, 1:], torch.ones(3))
-    assert counts[0] == 0 and counts[4] == 0
-    others = counts[[1, 2, 3, 5, 6, 7]]
-    assert (others - 2000).abs().max() < 160
+        table = sample_soft_triplets(4, generator=gen)
+        for anchor, counts in seen.items():
+            subset = tuple(sorted(table[anchor].tolist()))
+            counts[subset] = counts.get(subset, 0) + 1
+    for anchor, counts in seen.items():
+        assert len(counts) == 20
+        assert all(k % 4 != anchor % 4 for subset in counts for k in subset)
+        assert max(abs(c - 200) for c in counts.values()) < 70
 
 
 def test_soft_triplet_is_deterministic_given_a_seed_and_rejects_tiny_batches():
@@ -150,10 +163,11 @@ def test_soft_triplet_is_deterministic_given_a_seed_and_rejects_tiny_batches():
 # -- batch-based classification ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3, 33])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_batch_classification_matches_formula_and_scale_learns(batch, symmetric):
-    query, target, scale = leaves((batch, 12), (batch, 12), (1,), seed=batch)
+def test_batch_classification_matches_formula_and_scale_learns(device, batch, symmetric):
+    query, target, scale = leaves((batch, 12), (batch, 12), (1,), seed=batch, device=device)
     with torch.no_grad():
         scale.fill_(4.0)
     ours = batch_classification_loss(query, target, scale, symmetric=symmetric)
@@ -178,6 +192,24 @@ def test_batch_classification_gather_is_local_without_a_process_group():
     assert gather_with_grad(query) is query
 
 
+def test_losses_compute_in_float32_from_bfloat16_and_under_autocast():
+    query, target = leaves((6, 16), (6, 16), dtype=torch.float32)
+    table = sample_soft_triplets(6, generator=torch.Generator().manual_seed(0))
+    q16, t16 = query.detach().bfloat16().requires_grad_(), target.detach().bfloat16().requires_grad_()
+    exact = soft_triplet_oracle(q16.double(), t16.double(), 4.0, table)
+    low = soft_triplet_loss(q16, t16, scale=4.0, negatives=table)
+    assert low.dtype == torch.float32 and low.item() == pytest.approx(exact.item(), abs=1e-6)
+    low.backward()
+    assert q16.grad.dtype == torch.bfloat16
+    scale = torch.tensor(4.0)
+    exact = classification_oracle(q16.double(), t16.double(), 4.0, symmetric=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # A bf16 matmul upstream; the logits themselves stay float32.
+        inside = batch_classification_loss(q16 @ torch.eye(16, dtype=torch.bfloat16), t16, scale,
+                                           symmetric=True)
+    assert inside.dtype == torch.float32 and inside.item() == pytest.approx(exact.item(), abs=1e-5)
+
+
 def test_reconstruction_loss_is_elementwise_mean_squared_error():
     pred, target = leaves((4, 6), (4, 6))
     torch.testing.assert_close(reconstruction_loss(pred, target), ((pred - target) ** 2).mean())
@@ -196,7 +228,8 @@ def _gather_worker(rank: int, init_file: str) -> None:
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         # Every rank builds the same full batch; rank r owns rows [r B, (r + 1) B).
-        full_q, full_t = [t.detach() for t in leaves((WORLD * PER_RANK, 10), (WORLD * PER_RANK, 10))]
+        rows_all = WORLD * PER_RANK
+        full_q, full_t = [t.detach() for t in leaves((rows_all, 10), (rows_all, 10))]
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         for symmetric in (False, True):
             # Single-process loss on the concatenated batch (gather=False ignores the group).
@@ -232,7 +265,8 @@ def _gather_worker(rank: int, init_file: str) -> None:
         torch.testing.assert_close(gathered, full)
         weights = (rank + 1) * torch.arange(15, dtype=torch.float64).view(5, 3)
         (gathered * weights).sum().backward()
-        expected = sum(r + 1 for r in range(WORLD)) * torch.arange(15, dtype=torch.float64).view(5, 3)
+        base = torch.arange(15, dtype=torch.float64).view(5, 3)
+        expected = sum(r + 1 for r in range(WORLD)) * base
         torch.testing.assert_close(mine.grad, expected[start : start + sizes[rank]])
     finally:
         dist.destroy_process_group()

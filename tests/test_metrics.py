@@ -50,7 +50,8 @@ def random_case(num_query=41, num_gallery=67, dim=12, num_labels=25, seed=0, int
         query = torch.randint(-2, 3, (num_query, dim), generator=gen).float()
         gallery = torch.randint(-2, 3, (num_gallery, dim), generator=gen).float()
     else:
-        query, gallery = torch.randn(num_query, dim, generator=gen), torch.randn(num_gallery, dim, generator=gen)
+        query = torch.randn(num_query, dim, generator=gen)
+        gallery = torch.randn(num_gallery, dim, generator=gen)
     gallery_labels = torch.randint(0, num_labels, (num_gallery,), generator=gen)
     # Most queries have a label present in the gallery; a few have none.
     query_labels = torch.randint(0, num_labels + 3, (num_query,), generator=gen)
@@ -80,6 +81,13 @@ def test_recall_matches_oracle_with_exclusions(hit_path, chunk_size, num_labels)
     got = recall_at_k(q, g, ql, gl, ks=KS, exclude=ex, chunk_size=chunk_size)
     assert got == pytest.approx(oracle_recall(ranks))
     assert torch.equal(first_hit_rank(q, g, ql, gl, exclude=ex, chunk_size=chunk_size), ranks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_recall_on_the_gpu_matches_oracle(hit_path):
+    q, g, ql, gl, ex, ranks = labelled_case(25)
+    got = first_hit_rank(q.cuda(), g.cuda(), ql.cuda(), gl.cuda(), exclude=ex.cuda(), chunk_size=7)
+    assert torch.equal(got.cpu(), ranks)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 64])
@@ -112,6 +120,10 @@ def test_groups_restrict_each_query_to_its_own_gallery(hit_path, chunk_size):
                          chunk_size=chunk_size)
     ranks = oracle_ranks(q, g, ql, gl, exclude=ex, query_groups=qg, gallery_groups=gg)
     assert torch.equal(got, ranks)
+    # One group for everything is the same as no groups.
+    assert torch.equal(first_hit_rank(q, g, ql, gl, exclude=ex, query_groups=torch.zeros_like(qg),
+                                      gallery_groups=torch.zeros_like(gg), chunk_size=chunk_size),
+                       oracle_ranks(q, g, ql, gl, exclude=ex))
     # A group whose gallery is empty: all its queries miss.
     got = first_hit_rank(q, g, ql, gl, query_groups=torch.full_like(qg, 9), gallery_groups=gg)
     assert (got == NO_HIT).all()
@@ -138,7 +150,8 @@ def test_excluding_the_only_hit_is_a_miss_and_several_exclusions_work(hit_path):
     ranks = first_hit_rank(query, gallery, query_labels, gallery_labels, exclude=two)
     assert ranks.tolist() == [NO_HIT, 0]
     q, g, ql, gl, _ = random_case(seed=8)
-    multi = torch.randint(-1, g.shape[0], (q.shape[0], 3), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    multi = torch.randint(-1, g.shape[0], (q.shape[0], 3), generator=gen)
     assert torch.equal(first_hit_rank(q, g, ql, gl, exclude=multi, chunk_size=5),
                        oracle_ranks(q, g, ql, gl, exclude=multi))
 
@@ -153,7 +166,8 @@ def test_dot_product_mode_and_half_precision_inputs():
 
 
 def test_encode_labels_shares_ids_across_lists():
-    queries, gallery = encode_labels(["red dress", "blue", "red dress"], ["blue", "green", "red dress"])
+    queries, gallery = encode_labels(["red dress", "blue", "red dress"],
+                                     ["blue", "green", "red dress"])
     assert queries.dtype == torch.long
     assert queries.tolist() == [0, 1, 0] and gallery.tolist() == [1, 2, 0]
     q, g, _, _, _ = random_case(num_query=3, num_gallery=3, seed=6)

@@ -1,4 +1,4 @@
-"""Storage (local and S3 over HTTP) and dataset writing: atomicity, errors, sample-exact round trips."""
+"""Storage (local, and S3 over HTTP) and dataset writing: atomicity, errors, exact round trips."""
 
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def test_bad_samples_are_rejected():
 
 
 def test_meta_json_is_canonical():
-    sample = query_sample("q", b"", "png", QueryMeta("q", "r", "m", "c", "l"))
+    meta = QueryMeta("q", "r", "m", "c", "l")
+    sample = query_sample("q", b"", "png", meta)
     assert json.loads(sample["json"])["reference_id"] == "r"
-    assert sample["json"] == query_sample("q", b"", "png", QueryMeta("q", "r", "m", "c", "l"))["json"]
+    assert sample["json"] == query_sample("q", b"", "png", meta)["json"]
 
 
 def test_local_write_is_atomic_and_listdir(tmp_path):

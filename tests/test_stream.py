@@ -26,7 +26,13 @@ from composeae.data.stream import (
     tar_samples,
 )
 from composeae.data.synth import generate
-from composeae.data.writer import gallery_sample, query_sample, read_manifest, triplet_sample, write_dataset
+from composeae.data.writer import (
+    gallery_sample,
+    query_sample,
+    read_manifest,
+    triplet_sample,
+    write_dataset,
+)
 from composeae.errors import UserError
 
 UNEVEN = (7, 5, 3, 6, 4)
@@ -56,7 +62,8 @@ def uneven_dataset(root: str, sizes=UNEVEN) -> str:
                 for i in ids]},
             "val": {
                 "queries": [query_sample(f"q{i}", png(i), "png",
-                                         QueryMeta(f"q{i}", f"r{i}", "m", "c", f"l{i}")) for i in ids],
+                                         QueryMeta(f"q{i}", f"r{i}", "m", "c", f"l{i}"))
+                            for i in ids],
                 "gallery": [gallery_sample(f"g{i}", png(i), "png", GalleryMeta(f"g{i}", f"l{i}"))
                             for i in ids]},
         }, {}, shard_size=size)
@@ -88,7 +95,8 @@ def config(url: str, workers: int = 0, **kw) -> DataConfig:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_rank_gets_the_same_number_of_batches(uneven, world_size, workers):
     data = config(uneven, workers)
-    streams = [TrainStream(data, 2, rank=r, world_size=world_size, seed=0) for r in range(world_size)]
+    streams = [TrainStream(data, 2, rank=r, world_size=world_size, seed=0)
+               for r in range(world_size)]
     steps = streams[0].steps_per_epoch
     assert all(s.steps_per_epoch == steps for s in streams)
     assert steps >= sum(UNEVEN) / (2 * world_size)
@@ -123,7 +131,8 @@ def test_one_rank_without_shuffle_sees_each_sample_once_per_epoch(uneven):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("kind,id_key,prefix", [("queries", "query_id", "q"), ("gallery", "image_id", "g")])
+@pytest.mark.parametrize("kind,id_key,prefix",
+                         [("queries", "query_id", "q"), ("gallery", "image_id", "g")])
 def test_eval_delivers_every_sample_exactly_once(uneven, workers, kind, id_key, prefix):
     data = config(uneven, workers)
     for world_size in (1, 2, 3, 7):
@@ -139,7 +148,8 @@ def test_query_and_gallery_batch_keys(css_tiny):
     data = DataConfig(url=css_tiny, image_size=32, loader_workers=0)
     query = next(eval_batches(data, "test", "queries", 5, rank=0, world_size=1))
     assert query["reference"].shape == (5, 3, 32, 32)
-    assert set(query) >= {"modifier", "complete", "target_label", "reference_id", "query_id", "group"}
+    assert set(query) >= {"modifier", "complete", "target_label", "reference_id", "query_id",
+                          "group"}
     image = next(eval_batches(data, "test", "gallery", 5, rank=0, world_size=1))
     assert image["image"].shape == (5, 3, 32, 32)
     assert set(image) >= {"image_id", "label", "group"}
@@ -217,7 +227,8 @@ def test_stream_from_s3_matches_local(css_tiny, s3_bucket):
     assert generate(url, preset="tiny", seed=0) == read_manifest(css_tiny)
     for workers in (0, 2):
         local, remote = config(css_tiny, workers), config(url, workers)
-        batches = [list(TrainStream(d, 8, rank=1, world_size=2, seed=0).epoch(0)) for d in (local, remote)]
+        batches = [list(TrainStream(d, 8, rank=1, world_size=2, seed=0).epoch(0))
+                   for d in (local, remote)]
         assert [b["target_id"] for b in batches[0]] == [b["target_id"] for b in batches[1]]
         assert torch.equal(batches[0][0]["target"], batches[1][0]["target"])
         ids = [[i for b in eval_batches(d, "test", "gallery", 16, rank=0, world_size=1)
@@ -252,5 +263,5 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
     blob = path.read_bytes()
     with pytest.raises(EOFError, match="truncated"):
         list(tar_members(io.BytesIO(blob[: len(blob) // 4 // 512 * 512])))
-    with pytest.raises(ValueError, match="checksum"):
-        list(tar_members(io.BytesIO(blob[:100] + b"X" + blob[101:])))
+    with pytest.raises(ValueError, match="not a tar header"):
+        list(tar_members(io.BytesIO(os.urandom(512) + blob[512:])))

@@ -1,4 +1,4 @@
-"""CSS-synth: determinism, held-out combinations, a gallery that needs the text; `shards` commands."""
+"""CSS-synth: determinism, held-out combinations, a gallery that needs the text; shards commands."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 def ray_local(s3_server):
     import ray
 
-    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3)
     yield
     ray.shutdown()
 
@@ -74,6 +74,14 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
     assert "data:image/png;base64" in report and "test/R@1" in report
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     assert (run / "final" / "model.pt").is_file()
+
+    # `composeae eval` on the final checkpoint reproduces the run's test table.
+    from composeae.evaluate import run_evaluation
+
+    table = run_evaluation(str(run / "final"), cfg.data.url, split="test",
+                           out=str(tmp_path / "eval.json"))
+    assert table == pytest.approx({k: v for k, v in metrics.items() if k.startswith("test/")})
+    assert json.loads((tmp_path / "eval.json").read_text()) == table
 
 
 def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_path):

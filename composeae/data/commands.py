@@ -15,6 +15,9 @@ from composeae.data.writer import read_manifest
 from composeae.errors import UserError
 
 
+_URL_HELP = "dataset directory or s3://bucket/prefix"
+
+
 def register(subparsers) -> None:
     """Add `shards {synth,convert,ls,verify}` to an argparse subparsers object."""
     shards = subparsers.add_parser(
@@ -23,9 +26,10 @@ def register(subparsers) -> None:
     commands = shards.add_subparsers(dest="shards_command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="generate the CSS-synth benchmark")
-    synth.add_argument("--out", required=True, metavar="URL", help="dataset directory or s3://bucket/prefix")
+    synth.add_argument("--out", required=True, metavar="URL", help=_URL_HELP)
     synth.add_argument("--preset", default="small", choices=("tiny", "small", "full"),
-                       help="tiny (tests), small (demo), full (about TIRG's CSS size); default small")
+                       help="tiny (tests), small (demo), full (about TIRG's CSS size); "
+                            "default small")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in px (default 64)")
     synth.set_defaults(func=run_synth)
@@ -34,7 +38,7 @@ def register(subparsers) -> None:
     convert.add_argument("dataset", metavar="DATASET",
                          help="registered converter name (an unknown name lists them)")
     convert.add_argument("--src", required=True, metavar="DIR", help="the dataset as downloaded")
-    convert.add_argument("--out", required=True, metavar="URL", help="dataset directory or s3://bucket/prefix")
+    convert.add_argument("--out", required=True, metavar="URL", help=_URL_HELP)
     convert.set_defaults(func=run_convert)
 
     ls = commands.add_parser("ls", help="show a dataset's manifest as a table")
@@ -110,8 +114,9 @@ def verify(url: str) -> tuple[list[str], int]:
                     problems.append(f"missing {shard['name']}")
                     continue
                 if sha != shard["sha256"] or size != shard["bytes"]:
-                    problems.append(f"mismatch {shard['name']}: sha256 {sha[:12]}.. ({size} bytes), "
-                                    f"manifest {shard['sha256'][:12]}.. ({shard['bytes']} bytes)")
+                    problems.append(f"mismatch {shard['name']}: sha256 {sha[:12]}.. ({size} "
+                                    f"bytes), manifest {shard['sha256'][:12]}.. "
+                                    f"({shard['bytes']} bytes)")
     return problems, checked
 
 

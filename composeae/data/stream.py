@@ -27,7 +27,8 @@ and one list per metadata field of the shard schema (strings). Images cross from
 workers to the main process as uint8 (B, S, S, 3) and are normalised there: float32 batches are
 four times the bytes, and moving them through shared memory cost more CPU than decoding
 (measured: 11 vs 4.7 ms of CPU per batch of 64 triplets at 64 px), while normalising a batch
-takes well under a millisecond.
+takes about a millisecond. Shards are parsed by the small tar reader at the end of this module,
+not by tarfile (20 times faster, and it notices truncation).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class StreamErrors:
     """Shards and samples skipped because they could not be read, counted across workers.
 
     The counters live in shared memory, so DataLoader worker processes add to the same numbers
-    the main process reads.
+    the main process reads. They belong to the default multiprocessing context, the one the
+    DataLoader uses.
     """
 
     def __init__(self) -> None:
@@ -112,7 +114,8 @@ def _shards(url: str, manifest: dict, split: str, kind: str) -> list[dict]:
         raise UserError(f"dataset at {url} has no {split} {kind} shards")
     names = [s["name"] for s in entry["shards"]]
     _check_present(url, names)
-    return [{"url": storage.join(url, s["name"]), "count": int(s["count"])} for s in entry["shards"]]
+    return [{"url": storage.join(url, s["name"]), "count": int(s["count"])}
+            for s in entry["shards"]]
 
 
 def _check_present(url: str, names: list[str]) -> None:
@@ -125,7 +128,7 @@ def _check_present(url: str, names: list[str]) -> None:
 
 
 def has_split(data: DataConfig, split: str) -> bool:
-    """Whether the dataset holds `split` (with all its shard kinds)."""
+    """Whether the dataset's manifest lists `split` (the writer refuses splits with no samples)."""
     return split in read_manifest(data.url)["splits"]
 
 
@@ -253,8 +256,8 @@ def tar_samples(stream, url: str) -> Iterator[dict]:
 def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     """(name, data) of every regular file in a tar stream (ustar, PAX paths, GNU long names).
 
-    Raises on a bad header checksum (a corrupt shard) and, unlike tarfile, on an archive that
-    ends without its end-of-archive block (a truncated shard).
+    Raises on a block that is not a tar header (a corrupt shard) and, unlike tarfile, on an
+    archive that ends without its end-of-archive block (a truncated shard).
     """
     long_name = None
     while True:
@@ -286,10 +289,10 @@ def _read_exact(stream, n: int) -> bytes:
 
 
 def _check_header(header: bytes) -> None:
-    stored = _octal(header[148:156])
-    # The checksum counts its own 8-byte field as spaces.
-    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-        raise ValueError("bad tar header checksum (corrupt archive)")
+    # The ustar magic (also in GNU and PAX headers) rather than the header checksum, which costs
+    # 10 us per member in Python; whole-shard integrity is what `shards verify` checks (sha256).
+    if header[257:262] != b"ustar":
+        raise ValueError("not a tar header (corrupt archive)")
 
 
 def _octal(field: bytes) -> int:
@@ -349,8 +352,8 @@ class SampleDecoder:
             if self.errors is None:
                 raise
             self.errors.add_sample()
-            log.warning("skipping undecodable %s sample %s in %s: %s", self.kind,
-                        sample.get("__key__"), sample.get("__url__"), f"{type(exc).__name__}: {exc}")
+            log.warning("skipping undecodable %s sample %s in %s: %s: %s", self.kind,
+                        sample.get("__key__"), sample.get("__url__"), type(exc).__name__, exc)
             return None
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -364,14 +367,20 @@ class SampleDecoder:
 
 
 # Normalisation folded into one subtract and one multiply on 0..255 pixels, shaped (3, 1, 1).
-_MEAN_255 = torch.tensor(IMAGE_MEAN).view(3, 1, 1) * 255
-_INV_STD_255 = 1 / (torch.tensor(IMAGE_STD).view(3, 1, 1) * 255)
+_MEAN_255 = (np.array(IMAGE_MEAN, dtype=np.float32) * 255).reshape(3, 1, 1)
+_INV_STD_255 = (1 / (np.array(IMAGE_STD, dtype=np.float32) * 255)).reshape(3, 1, 1)
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images (B, S, S, 3) -> float32 (B, 3, S, S) with ImageNet mean/std."""
-    # Reorder the uint8 bytes first: a quarter of the memory traffic of reordering floats.
-    return pixels.permute(0, 3, 1, 2).contiguous().float().sub_(_MEAN_255).mul_(_INV_STD_255)
+    """uint8 images (B, S, S, 3) -> float32 (B, 3, S, S) with ImageNet mean/std.
+
+    In numpy on purpose: this runs in the trainer's process, where torch's intra-op thread
+    pool would wake (and spin) threads that the DataLoader workers and the model need.
+    """
+    images = pixels.numpy().transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, S, S)
+    np.subtract(images, _MEAN_255, out=images)
+    np.multiply(images, _INV_STD_255, out=images)
+    return torch.from_numpy(images)
 
 
 def _open_image(sample: dict, key: str) -> Image.Image:
@@ -489,7 +498,8 @@ class TrainStream:
             self._pipeline(epoch), batch_size=None, collate_fn=_as_is,
             num_workers=self.data.loader_workers,
             # Seeds the workers' torch RNG (augmentation) reproducibly per rank and epoch.
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1_009 + self.rank),
+            generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch * 1_009 + self.rank),
         )
         return _normalised(iter(loader))
 

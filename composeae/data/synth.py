@@ -242,10 +242,11 @@ def plan(preset: str = "small", seed: int = 0) -> dict[str, list[Group]]:
     def anything(o: Obj) -> bool:
         return True
 
+    eval_variants = p.queries_per_source + p.distractors_per_source
     specs = [  # split, sources, variants per source, object rule, forced novel object
         (schema.TRAIN_SPLIT, p.train_sources, p.queries_per_source, in_distribution, False),
-        ("val", p.val_sources, p.queries_per_source + p.distractors_per_source, in_distribution, False),
-        ("test", p.test_sources, p.queries_per_source + p.distractors_per_source, anything, True),
+        ("val", p.val_sources, eval_variants, in_distribution, False),
+        ("test", p.test_sources, eval_variants, anything, True),
     ]
     used_sources: set[str] = set()
     plans: dict[str, list[Group]] = {}

@@ -5,7 +5,8 @@ Writers (the CSS-synth generator, the dataset converters) build samples with `tr
 on-disk layout described in `composeae.data.schema`:
 
 - shards are written one at a time with `webdataset.TarWriter` into a local temp directory, with
-  fixed tar headers (integer mtime 0, so no PAX record; fixed owner and mode) so equal samples give byte-identical shards;
+  fixed tar headers (integer mtime 0, so no PAX record; fixed owner and mode) so equal samples
+  give byte-identical shards;
 - each finished shard is hashed (sha256) and moved (local) or uploaded (S3), then deleted, so
   the local disk holds one shard at a time whatever the dataset's size;
 - `corpus.txt` collects every training text, and `manifest.json` is written last with one atomic
@@ -34,7 +35,8 @@ from composeae.errors import UserError
 log = logging.getLogger(__name__)
 
 # Kinds each split may hold: training triplets, or an evaluation query set with its gallery.
-_SPLIT_KINDS = {schema.TRAIN_SPLIT: ("triplets",), **{s: ("queries", "gallery") for s in schema.EVAL_SPLITS}}
+_SPLIT_KINDS = {schema.TRAIN_SPLIT: ("triplets",),
+                **{split: ("queries", "gallery") for split in schema.EVAL_SPLITS}}
 # Image keys each kind must carry (plus the json metadata).
 _KIND_IMAGES = {
     "triplets": (schema.REFERENCE, schema.TARGET),
