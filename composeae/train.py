@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,13 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def _say(message: str) -> None:
+    """One console line from a worker. Ray Train patches `print` into its logger, which echoes
+    each line twice in the job log; writing to stdout directly prints it once."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def checkpoint_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -69,7 +77,7 @@ def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
     # lost sooner than that after a report takes the report with it, and the run restarts from
     # the report before. Waiting out two polls makes the drill resume from the latest checkpoint.
     time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
-    print(f"[fault injection] rank {rank} exits at step {step}", flush=True)
+    _say(f"[fault injection] rank {rank} exits at step {step}")
     os._exit(1)
 
 
@@ -125,12 +133,21 @@ class _Progress:
 
             self.writer = SummaryWriter(tb_dir)
         self.window_start = time.perf_counter()
-        self.window_samples = 0
+        self.window_samples = self.window_steps = 0
+        self.window_sums: dict[str, torch.Tensor] = {}
 
-    def step(self, state: TrainState, terms: dict[str, float], lr: float, batch: int) -> None:
+    def step(self, state: TrainState, terms: dict[str, torch.Tensor], lr: float,
+             batch: int) -> None:
         self.window_samples += batch * self.world_size
+        self.window_steps += 1
+        for k, v in terms.items():
+            self.window_sums[k] = self.window_sums.get(k, 0.0) + v
         if state.step % self.cfg.train.log_every and state.step != self.cfg.train.steps:
             return
+        # Logged losses are means over the steps since the last line (this rank's batches).
+        # Summed as tensors and read once per line: no device sync on every step.
+        terms = {k: float(v) / self.window_steps for k, v in self.window_sums.items()}
+        self.window_sums, self.window_steps = {}, 0
         elapsed = time.perf_counter() - self.window_start
         rate = self.window_samples / max(elapsed, 1e-9)
         self.window_start, self.window_samples = time.perf_counter(), 0
@@ -139,8 +156,8 @@ class _Progress:
         if self.rank != 0:
             return
         losses = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
-        print(f"step {state.step}/{self.cfg.train.steps} {losses} lr={lr:.2e} "
-              f"{rate:.1f} samples/s eta {eta:.0f}s", flush=True)
+        _say(f"step {state.step}/{self.cfg.train.steps} {losses} lr={lr:.2e} "
+             f"{rate:.1f} samples/s eta {eta:.0f}s")
         self.scalars(state.step, {f"train/{k}": v for k, v in terms.items()}
                      | {"train/lr": lr, "train/samples_per_s": rate})
 
@@ -179,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     state, best_model = _restore(model, optimizer, scheduler)
     if state.step:
-        print(f"rank {rank}: resumed at step {state.step}", flush=True)
+        _say(f"rank {rank}: resumed at step {state.step}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # dropout differs per rank
 
     stream = TrainStream(cfg.data, cfg.train.batch_size, rank=rank, world_size=world_size,
@@ -212,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             state.step += 1
             state.samples_seen += reference.shape[0] * world_size
-            progress.step(state, {k: v.item() for k, v in terms.items()},
+            progress.step(state, {k: v.detach() for k, v in terms.items()},
                           scheduler.get_last_lr()[-1], reference.shape[0])
 
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
@@ -232,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state.history.append({k: v for k, v in metrics.items() if k != "epoch"})
                 progress.scalars(state.step, {k: v for k, v in metrics.items() if "/" in k})
                 if rank == 0 and has_val:
-                    print(format_table(val, f"validation at step {state.step} (%)"), flush=True)
+                    _say(format_table(val, f"validation at step {state.step} (%)"))
                 # The checkpoint holds the current weights and, when they are not the best, the
                 # best ones too; restarts resume from here.
                 best = best_model if state.best_step != state.step else None

@@ -99,6 +99,19 @@ class StreamErrors:
             self._samples.value += 1
 
 
+class SharedEpoch:
+    """The current epoch, in shared memory so that persistent DataLoader workers see changes."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = multiprocessing.Value("q", epoch, lock=False)
+
+    def get(self) -> int:
+        return self._value.value
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+
 def _worker() -> tuple[int, int]:
     """(this DataLoader worker's index, number of workers); (0, 1) in the main process."""
     info = get_worker_info()
@@ -147,16 +160,17 @@ def load_corpus(data: DataConfig) -> list[str]:
 class _TrainShards(IterableDataset):
     """Endless shard stream for one rank and worker: successive seeded rounds of all shards."""
 
-    def __init__(self, shards: list[dict], seed: int, epoch: int, rank: int, world_size: int):
+    def __init__(self, shards: list[dict], seed: int, epoch: SharedEpoch, rank: int,
+                 world_size: int):
         self.shards, self.seed, self.epoch = shards, seed, epoch
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         me, everyone = self.rank * workers + worker, self.world_size * workers
-        n = len(self.shards)
+        n, epoch = len(self.shards), self.epoch.get()
         for round_ in itertools.count():
-            order = np.random.default_rng([self.seed, self.epoch, round_]).permutation(n)
+            order = np.random.default_rng([self.seed, epoch, round_]).permutation(n)
             # With fewer shards than readers, reader i takes shard i mod n: nobody starves.
             for i in range(me, max(n, everyone), everyone):
                 yield self.shards[order[i % n]]
@@ -411,13 +425,14 @@ class _DecodeStage:
 class _SeededShuffle:
     """Sample shuffle buffer seeded per (seed, epoch, rank, worker): reproducible runs."""
 
-    def __init__(self, bufsize: int, initial: int, seed: int, epoch: int, rank: int):
+    def __init__(self, bufsize: int, initial: int, seed: int, epoch: SharedEpoch, rank: int):
         self.bufsize, self.initial = bufsize, initial
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
         worker, _ = _worker()
-        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker]).generate_state(1)
+        key = [self.seed, self.epoch.get(), self.rank, worker]
+        state = np.random.SeedSequence(key).generate_state(1)
         return wds.shuffle(self.bufsize, self.initial, seed=int(state[0]))(samples)
 
 
@@ -469,6 +484,8 @@ class TrainStream:
         steps = math.ceil(self.num_samples / (batch_size * world_size))
         self.steps_per_epoch = math.ceil(steps / self.workers) * self.workers
         self.errors = StreamErrors()
+        self._epoch = SharedEpoch()
+        self._loader: DataLoader | None = None
         if len(self.shards) < world_size * self.workers:
             log.warning("%d training shards for %d ranks x %d loader workers: some workers read "
                         "the same shard in a round; smaller shards mix better",
@@ -479,14 +496,14 @@ class TrainStream:
         """Unreadable shards skipped so far (all epochs, all workers of this rank)."""
         return self.errors.shards
 
-    def _pipeline(self, epoch: int) -> wds.DataPipeline:
+    def _pipeline(self) -> wds.DataPipeline:
         bufsize = self.data.shuffle_buffer
         return wds.DataPipeline(
-            _TrainShards(self.shards, self.seed, epoch, self.rank, self.world_size),
+            _TrainShards(self.shards, self.seed, self._epoch, self.rank, self.world_size),
             # Give up on an endless stream only after every shard failed twice in a row.
             _ShardSamples(self.errors, max_failures=2 * len(self.shards) + 2),
             _SeededShuffle(bufsize, min(bufsize, max(self.batch_size, bufsize // 4)),
-                           self.seed, epoch, self.rank),
+                           self.seed, self._epoch, self.rank),
             _DecodeStage(SampleDecoder("triplets", self.data.image_size, self.data.augment,
                                  self.errors)),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
@@ -494,14 +511,17 @@ class TrainStream:
 
     def epoch(self, epoch: int) -> Iterator[dict]:
         """Exactly `steps_per_epoch` batches; the shard order depends on (seed, epoch) only."""
-        loader = DataLoader(
-            self._pipeline(epoch), batch_size=None, collate_fn=_as_is,
-            num_workers=self.data.loader_workers,
-            # Seeds the workers' torch RNG (augmentation) reproducibly per rank and epoch.
-            generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + epoch * 1_009 + self.rank),
-        )
-        return _normalised(iter(loader))
+        self._epoch.set(epoch)
+        if self._loader is None:
+            # Persistent workers: forking and warming up workers every epoch cost ~0.1 s of CPU;
+            # they read the new epoch from shared memory when the next iteration starts.
+            self._loader = DataLoader(
+                self._pipeline(), batch_size=None, collate_fn=_as_is,
+                num_workers=self.data.loader_workers, persistent_workers=self.data.loader_workers > 0,
+                # Seeds the workers' torch RNG (augmentation) reproducibly per rank.
+                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank),
+            )
+        return _normalised(iter(self._loader))
 
 
 def eval_batches(data: DataConfig, split: str, kind: str, batch_size: int, *, rank: int,
