@@ -224,6 +224,35 @@ def figures(results: dict[tuple[str, str], dict]) -> dict[str, Any]:
     return out
 
 
+def device_matches_cpu(device: torch.device) -> dict[str, bool]:
+    """The GPU paths of the soft triplet loss (sparse kernels) and of recall@K agree with the
+    CPU on the same inputs: checks that the CPU-only test suite cannot make."""
+    from composeae.losses import sample_soft_triplets, soft_triplet_loss
+    from composeae.metrics import first_hit_rank
+
+    g = torch.Generator().manual_seed(0)
+    query, target = torch.randn(64, 128, generator=g), torch.randn(64, 128, generator=g)
+    negatives = sample_soft_triplets(64, generator=g)
+    checks = {}
+    losses, grads = [], []
+    for dev in (torch.device("cpu"), device):
+        q = query.to(dev).clone().requires_grad_()
+        loss = soft_triplet_loss(q, target.to(dev), negatives=negatives.to(dev))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(q.grad.cpu())
+    checks["soft_triplet"] = (abs(losses[0] - losses[1]) < 1e-4
+                              and torch.allclose(grads[0], grads[1], atol=1e-5))
+    gallery, labels = torch.randn(500, 128, generator=g), torch.randint(0, 40, (500,), generator=g)
+    q_labels = torch.randint(0, 40, (64,), generator=g)
+    exclude = torch.randint(-1, 500, (64,), generator=g)
+    ranks = [first_hit_rank(query.to(d), gallery.to(d), q_labels.to(d), labels.to(d),
+                            exclude=exclude.to(d), chunk_size=7).cpu()
+             for d in (torch.device("cpu"), device)]
+    checks["recall"] = torch.equal(ranks[0], ranks[1])
+    return checks
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
@@ -257,7 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report(results, errors,
            f"Training throughput on {name}: {precision}, DDP over {backend} (1 rank), "
            f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up")
-    summary: dict[str, Any] = {"bench": "gpu", "cuda": cuda, "device": name}
+    summary: dict[str, Any] = {"bench": "gpu", "cuda": cuda, "device": name,
+                               "matches_cpu": device_matches_cpu(device)}
+    print(f"GPU results equal CPU results: {summary['matches_cpu']}")
     if not cuda:
         summary["smoke"] = True
     summary |= {"precision": "bf16" if cuda else "fp32", "backend": backend,

@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -111,24 +110,46 @@ def load_floor_samples(url: str) -> None:
 
 # --- pipeline -------------------------------------------------------------------------------
 
+def _children() -> list[int]:
+    pids = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
 def _cpu_seconds() -> tuple[float, float]:
-    """CPU seconds of (this process, its finished children: the DataLoader workers)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time(), children.ru_utime + children.ru_stime
+    """CPU seconds of (this process, its live child processes: DataLoader workers, floor pool).
+
+    Read from /proc (Linux): persistent DataLoader workers never exit, so the rusage of
+    finished children would miss them.
+    """
+    ticks, children = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in _children():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        children += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return time.process_time(), children
 
 
-def run_pipeline(url: str, args: argparse.Namespace, epoch: int) -> tuple[float, float, float]:
-    """(samples/s, CPU us per sample in all processes, of which in this one) over one epoch."""
+def train_stream(url: str, args: argparse.Namespace):
     from composeae.config import DataConfig
     from composeae.data.stream import TrainStream
 
     data = DataConfig(url=url, image_size=args.image_size, loader_workers=args.workers,
                       shuffle_buffer=500)
-    stream = TrainStream(data, args.batch_size, rank=0, world_size=1, seed=0)
+    return TrainStream(data, args.batch_size, rank=0, world_size=1, seed=0)
+
+
+def run_pipeline(stream, epoch: int) -> tuple[float, float, float]:
+    """(samples/s, CPU us per sample in all processes, of which in this one) over one epoch."""
     (main0, workers0), start = _cpu_seconds(), time.perf_counter()
     samples = sum(len(batch["modifier"]) for batch in stream.epoch(epoch))
     wall, (main1, workers1) = time.perf_counter() - start, _cpu_seconds()
-    assert samples == stream.steps_per_epoch * args.batch_size
+    assert samples == stream.steps_per_epoch * stream.batch_size
     main = 1e6 * (main1 - main0) / samples
     return samples / wall, main + 1e6 * (workers1 - workers0) / samples, main
 
@@ -146,11 +167,14 @@ def main() -> None:
         load_floor_samples(local)
         pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers else None
         try:
+            # One stream per source, as a trainer holds one: its workers persist across epochs.
+            streams = {"local": train_stream(local, args), "s3": train_stream(remote, args)}
             for repeat in range(args.repeats):
                 # Interleaved, so slow drifts of a shared machine hit all three rows alike.
                 rows["floor"].append(run_floor(pool, args))
-                rows["local"].append(run_pipeline(local, args, repeat))
-                rows["s3"].append(run_pipeline(remote, args, repeat))
+                for name, stream in streams.items():
+                    rows[name].append(run_pipeline(stream, repeat))
+            del streams
         finally:
             if pool:
                 pool.close()

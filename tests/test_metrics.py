@@ -83,13 +83,6 @@ def test_recall_matches_oracle_with_exclusions(hit_path, chunk_size, num_labels)
     assert torch.equal(first_hit_rank(q, g, ql, gl, exclude=ex, chunk_size=chunk_size), ranks)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_recall_on_the_gpu_matches_oracle(hit_path):
-    q, g, ql, gl, ex, ranks = labelled_case(25)
-    got = first_hit_rank(q.cuda(), g.cuda(), ql.cuda(), gl.cuda(), exclude=ex.cuda(), chunk_size=7)
-    assert torch.equal(got.cpu(), ranks)
-
-
 @pytest.mark.parametrize("chunk_size", [3, 64])
 def test_ties_rank_non_hits_first_and_match_oracle(hit_path, chunk_size):
     q, g, ql, gl, ex = random_case(num_labels=6, integer=True, seed=5)

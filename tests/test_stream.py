@@ -108,15 +108,17 @@ def test_every_rank_gets_the_same_number_of_batches(uneven, world_size, workers)
                        for b in batches)
 
 
-def test_train_batches_and_determinism(uneven):
-    data = config(uneven)
-    stream = TrainStream(data, 3, rank=0, world_size=1, seed=5)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_batches_and_determinism(uneven, workers):
+    stream = TrainStream(config(uneven, workers), 3, rank=0, world_size=1, seed=5)
     first = list(stream.epoch(0))
     batch = first[0]
     assert set(batch) >= {"reference", "target", "modifier", "complete", "target_label"}
     assert batch["target"].dtype == torch.float32
     assert [b["target_id"] for b in stream.epoch(0)] == [b["target_id"] for b in first]
+    next(stream.epoch(1))  # abandoned after one batch: the next epoch still starts cleanly
     assert [b["target_id"] for b in stream.epoch(1)] != [b["target_id"] for b in first]
+    assert len(list(stream.epoch(2))) == stream.steps_per_epoch
     # A modifier always travels with its own images: reference pixel value i <-> "mod i".
     mean, std = torch.tensor(IMAGE_MEAN)[0], torch.tensor(IMAGE_STD)[0]
     red = (batch["reference"][:, 0, 0, 0] * std + mean) * 255

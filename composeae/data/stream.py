@@ -505,19 +505,23 @@ class TrainStream:
             _SeededShuffle(bufsize, min(bufsize, max(self.batch_size, bufsize // 4)),
                            self.seed, self._epoch, self.rank),
             _DecodeStage(SampleDecoder("triplets", self.data.image_size, self.data.augment,
-                                 self.errors)),
+                                       self.errors)),
             wds.batched(self.batch_size, collation_fn=collate, partial=False),
         ).with_epoch(self.steps_per_epoch // self.workers)
 
     def epoch(self, epoch: int) -> Iterator[dict]:
-        """Exactly `steps_per_epoch` batches; the shard order depends on (seed, epoch) only."""
+        """Exactly `steps_per_epoch` batches; the shard order depends on (seed, epoch) only.
+
+        Starting an epoch ends the previous one (its iterator must not be used any more).
+        """
         self._epoch.set(epoch)
         if self._loader is None:
             # Persistent workers: forking and warming up workers every epoch cost ~0.1 s of CPU;
             # they read the new epoch from shared memory when the next iteration starts.
+            workers = self.data.loader_workers
             self._loader = DataLoader(
                 self._pipeline(), batch_size=None, collate_fn=_as_is,
-                num_workers=self.data.loader_workers, persistent_workers=self.data.loader_workers > 0,
+                num_workers=workers, persistent_workers=workers > 0,
                 # Seeds the workers' torch RNG (augmentation) reproducibly per rank.
                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank),
             )

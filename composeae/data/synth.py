@@ -340,6 +340,8 @@ def generate(out_url: str, preset: str = "small", seed: int = 0, image_size: int
     p = _preset(preset)
     if not 32 <= image_size <= 1024:
         raise UserError(f"CSS-synth image size must be between 32 and 1024 px, got {image_size}")
+    if seed < 0:
+        raise UserError(f"CSS-synth seed must be >= 0, got {seed}")
     plans = plan(preset, seed)
     splits = {schema.TRAIN_SPLIT: {"triplets": _triplets(plans[schema.TRAIN_SPLIT], image_size)}}
     for split in schema.EVAL_SPLITS:

@@ -14,7 +14,6 @@ have extra loss terms, `auxiliary_losses`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from composeae.config import LossConfig, ModelConfig
@@ -40,8 +39,9 @@ class RetrievalModel(nn.Module):
         # as in the paper (ResNet fc 512 = embedding 512).
         self.image_to_embed = (nn.Identity() if cfg.image_dim == cfg.embed_dim
                                else nn.Linear(cfg.image_dim, cfg.embed_dim))
-        if loss_cfg.base == "batch_classification":
-            self.scale = nn.Parameter(torch.tensor(float(loss_cfg.init_scale)))
+        # The learnable scale s of the official NormalizationLayer (s x / |x|), which both base
+        # losses see: logits s^2 cos for classification, distances |s a - s b|^2 for triplets.
+        self.scale = nn.Parameter(torch.tensor(float(loss_cfg.init_scale)))
         self.loss_weights = {"base": loss_cfg.w_base, "img_rec": loss_cfg.w_img_rec,
                              "txt_rec": loss_cfg.w_txt_rec, "sym": loss_cfg.w_sym}
 
@@ -68,7 +68,7 @@ class RetrievalModel(nn.Module):
             return batch_classification_loss(query, target, self.scale,
                                              symmetric=self.loss_cfg.symmetric,
                                              gather=self.loss_cfg.gather_negatives)
-        return soft_triplet_loss(F.normalize(query, dim=-1), F.normalize(target, dim=-1))
+        return soft_triplet_loss(query, target, scale=self.scale)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters trained at the lower backbone learning rate."""
