@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from composeae.config import Config, DataConfig, EvalConfig
-from composeae.metrics import encode_labels, recall_at_k
+from composeae.metrics import encode_labels, recall_at_k, subset_recall_at_k
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -54,7 +54,8 @@ def _embed(model, batches, image_key: str, text_key: str | None, meta_keys: tupl
                    else model.embed_target(images))
         parts.append(emb.float().cpu().numpy())
         for k in meta_keys:
-            meta[k].extend(batch[k])
+            # Optional fields (a query's `subset`) are absent from older or other datasets.
+            meta[k].extend(batch[k] if k in batch else [()] * len(images))
     meta["emb"] = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return meta
 
@@ -66,7 +67,7 @@ def _merge(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]
     return merged
 
 
-QUERY_KEYS = ("query_id", "reference_id", "target_label", "group")
+QUERY_KEYS = ("query_id", "reference_id", "target_label", "target_id", "group", "subset")
 GALLERY_KEYS = ("image_id", "label", "group")
 
 
@@ -96,14 +97,23 @@ def score(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConfig
     exclude = torch.tensor([position.get(r, -1) for r in queries["reference_id"]], dtype=torch.long)
     q_labels, g_labels = encode_labels(queries["target_label"], gallery["label"])
     q_groups, g_groups = encode_labels(queries["group"], gallery["group"])
-    return recall_at_k(queries["emb"], gallery["emb"], q_labels, g_labels, ks=eval_cfg.ks,
-                       exclude=exclude, query_groups=q_groups, gallery_groups=g_groups,
-                       chunk_size=eval_cfg.chunk_size)
+    metrics = recall_at_k(queries["emb"], gallery["emb"], q_labels, g_labels, ks=eval_cfg.ks,
+                          exclude=exclude, query_groups=q_groups, gallery_groups=g_groups,
+                          chunk_size=eval_cfg.chunk_size)
+    if any(queries["subset"]):
+        # Candidate sets by gallery position, the reference left out, padded with -1: (Q, M).
+        rows = [[position.get(m, -1) for m in subset if m != reference]
+                for subset, reference in zip(queries["subset"], queries["reference_id"])]
+        width = max(len(r) for r in rows)
+        subsets = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+        targets = torch.tensor([position.get(t, -1) for t in queries["target_id"]])
+        metrics |= subset_recall_at_k(queries["emb"], gallery["emb"], subsets, targets)
+    return metrics
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
     """A small text table of R@K values (as percentages, like the papers)."""
-    keys = [k for k in metrics if "R@" in k]
+    keys = [k for k in metrics if "R@" in k or "Rs@" in k]
     head = " ".join(f"{k:>10}" for k in keys)
     row = " ".join(f"{100 * metrics[k]:>10.2f}" for k in keys)
     return "\n".join(x for x in (title, head, row) if x)

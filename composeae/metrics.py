@@ -210,3 +210,28 @@ def recall_at_k(
                            query_groups=query_groups, gallery_groups=gallery_groups,
                            chunk_size=chunk_size, normalize=normalize)
     return {f"R@{int(k)}": (ranks < int(k)).double().mean().item() for k in ks}
+
+
+def subset_recall_at_k(query: Tensor, gallery: Tensor, subsets: Tensor, targets: Tensor, *,
+                       ks: Sequence[int] = (1, 2, 3), normalize: bool = True) -> dict[str, float]:
+    """Recall_subset@K (CIRR): the target's rank among a small candidate set per query.
+
+    query (Q, D), gallery (G, D); subsets (Q, M) gallery indices of each query's candidates,
+    padded with -1 (the caller leaves the reference out); targets (Q,) the gallery index of each
+    query's target. A query hits at K when fewer than K other candidates score at least as high
+    as its target (ties count against it, as in `recall_at_k`); a target outside its subset is a
+    miss. Returns {"Rs@K": fraction}.
+    """
+    query, gallery = _float(query), _float(gallery)
+    if normalize:
+        query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
+    valid = subsets >= 0  # (Q, M)
+    candidates = gallery[subsets.clamp(min=0)]  # (Q, M, D)
+    sims = torch.einsum("qd,qmd->qm", query, candidates).masked_fill_(~valid, float("-inf"))
+    is_target = valid & (subsets == targets[:, None])  # (Q, M)
+    target_sim = sims.masked_fill(~is_target, float("-inf")).amax(dim=1)  # (Q,)
+    found = is_target.any(dim=1)
+    others = valid & ~is_target
+    rank = (others & (sims >= target_sim[:, None])).sum(dim=1)  # (Q,) candidates at or above
+    rank = torch.where(found, rank, torch.full_like(rank, NO_HIT))
+    return {f"Rs@{k}": (rank < k).float().mean().item() for k in ks}

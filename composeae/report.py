@@ -53,7 +53,7 @@ def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[st
               if k in {"loss", "base", "img_rec", "txt_rec", "sym"}}
     recalls = _series(history, "val/")
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.2f}</td></tr>"
-                   for k, v in metrics.items() if "R@" in k)
+                   for k, v in metrics.items() if "@" in k)
     pictures = [f'<img alt="training loss" src="data:image/png;base64,'
                 f'{_figure_png(losses, "training loss", "loss")}">']
     if recalls:

@@ -274,6 +274,9 @@ def test_cirr(tmp_path, images_under):
         # exclusion rule removes it: the target is the one hit.
         assert q["reference_id"] in ids
         assert hits(q, gallery) == [q["target_label"]]
+        # img_set members travel with the query for Recall_subset@K.
+        assert q["reference_id"] in q["subset"] and q["target_id"] in q["subset"]
+        assert set(q["subset"]) <= set(ids)
 
 
 def test_cirr_caption_naming_an_unknown_image(tmp_path):

@@ -192,3 +192,29 @@ def test_bool_count_fallback_matches_oracle(monkeypatch):
     q, g, ql, gl, ex = random_case(num_labels=6, integer=True, seed=5)
     assert torch.equal(first_hit_rank(q, g, ql, gl, exclude=ex, normalize=False),
                        oracle_ranks(q, g, ql, gl, exclude=ex, normalize=False))
+
+
+def test_subset_recall_matches_a_loop_oracle():
+    from composeae.metrics import subset_recall_at_k
+
+    g = torch.Generator().manual_seed(11)
+    query, gallery = torch.randn(40, 8, generator=g), torch.randn(30, 8, generator=g)
+    gallery[7] = gallery[3]  # an exact tie inside some subsets
+    subsets = torch.randint(0, 30, (40, 5), generator=g)
+    subsets[::4, 4] = -1  # padding
+    targets = subsets[:, 0].clone()
+    targets[::9] = 29  # some targets outside their subset: misses
+    got = subset_recall_at_k(query, gallery, subsets, targets, ks=(1, 2, 3))
+
+    q, gal = torch.nn.functional.normalize(query, dim=1), torch.nn.functional.normalize(gallery, dim=1)
+    hits = {1: 0, 2: 0, 3: 0}
+    for i in range(40):
+        members = [int(m) for m in subsets[i] if m >= 0]
+        t = int(targets[i])
+        if t not in members:
+            continue
+        mine = float(q[i] @ gal[t])
+        rank = sum(1 for m in members if m != t and float(q[i] @ gal[m]) >= mine)
+        for k in hits:
+            hits[k] += rank < k
+    assert got == pytest.approx({f"Rs@{k}": v / 40 for k, v in hits.items()})

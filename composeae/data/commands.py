@@ -60,13 +60,8 @@ def run_synth(args: argparse.Namespace) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     from composeae.data import sources  # late: the converters register themselves on import
 
-    names = sources.list_converters()
-    if args.dataset not in names:
-        raise UserError(f"unknown dataset {args.dataset!r}; converters: {', '.join(names)}")
-    src = Path(args.src)
-    if not src.is_dir():
-        raise UserError(f"--src {src} is not a directory")
-    manifest = sources.convert(args.dataset, src, args.out)
+    # `convert` rejects an unknown dataset (listing the known ones) and a missing --src.
+    manifest = sources.convert(args.dataset, Path(args.src), args.out)
     print(format_manifest(manifest, args.out))
 
 

@@ -19,7 +19,8 @@ Samples (WebDataset keys; images are PNG or JPEG bytes):
 
 Hit rule at evaluation: a gallery item answers a query when `GalleryMeta.label ==
 QueryMeta.target_label` and both share `group`; the gallery item whose `image_id` equals the
-query's `reference_id` is excluded. Label-level (CSS: canonical scene), caption-level
+query's `reference_id` is excluded. Queries with a `subset` are also scored by Recall_subset@K:
+the target's rank among the subset's gallery images, the reference excluded. Label-level (CSS: canonical scene), caption-level
 (Fashion200k, MIT-States: the caption) and id-level (FashionIQ, CIRR: the image id) hits are all
 expressed by what the writer puts in `label`.
 """
@@ -74,6 +75,9 @@ class QueryMeta:
     target_label: str
     target_id: str = ""
     group: str = ""
+    subset: tuple[str, ...] = ()
+    """Image ids of the query's candidate set (CIRR's img_set members) for Recall_subset@K;
+    empty when the dataset has none."""
 
     def to_json(self) -> dict:
         return asdict(self)

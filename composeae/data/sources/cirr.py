@@ -16,8 +16,8 @@ Rules:
   (label = image name) and the reference image is removed from the gallery (the schema's
   exclusion rule).
 - test1 has no targets (its ground truth stays on the evaluation server), so it is not converted.
-- Recall_subset@K needs each query's img_set members, for which the query schema has no field;
-  only the global recall can be computed from these shards.
+- Each query carries its img_set members as `subset`, for Recall_subset@K (the reference is
+  removed from the subset at evaluation).
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def read_pairs(src: Path, split: str, names: dict[str, str], split_file: Path) -
     for i, pair in enumerate(pairs):
         entry_field(path, i, pair, "pairid", int)
         entry_field(path, i, pair, "caption", str)
+        members = entry_field(path, i, entry_field(path, i, pair, "img_set", dict), "members", list)
+        if not all(isinstance(m, str) for m in members):
+            raise file_error(path, None, f"entry {i}: img_set members must be image names")
         for field in ("reference", "target_hard"):
             name = entry_field(path, i, pair, field, str)
             if name not in names:
@@ -97,7 +100,8 @@ def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
         PlannedQuery(root / val_names[p["reference"]],
                      QueryMeta(query_id=str(p["pairid"]), reference_id=p["reference"],
                                modifier=p["caption"], complete=p["caption"],
-                               target_label=p["target_hard"], target_id=p["target_hard"]))
+                               target_label=p["target_hard"], target_id=p["target_hard"],
+                               subset=tuple(p["img_set"]["members"])))
         for p in val_pairs
     ]
     gallery = [PlannedImage(root / rel, GalleryMeta(image_id=name, label=name))
@@ -111,7 +115,7 @@ def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
                     "the reference image is excluded",
         "splits": "train and val; test1 is not converted (no targets: evaluation-server only)",
         "complete_text": "the caption (CIRR has no complete-text query)",
-        "recall_subset": "not available: the query schema has no field for img_set members",
+        "recall_subset": "queries carry img_set members as `subset`",
         "image_root": "dataset root" if root == src else "cirr/img_raw",
         "counts": plan_counts(plan),
     }
