@@ -1,17 +1,21 @@
 """A real local Ray head (`ray start --head`) and `ray job submit` against it.
 
 Used by the job tests and the job-latency benchmark; also handy for trying a job locally the
-way a cluster runs it. The head and the CLI run from this interpreter's environment, so the
+way a cluster runs it. Stopping it stops only its own processes (Linux: found through /proc). The head and the CLI run from this interpreter's environment, so the
 job's `python` finds the project's packages. Token auth is switched off for this private,
 loopback-only head (`RAY_AUTH_MODE=disabled` for the head and for the submitting CLI alike).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,28 +41,76 @@ class LocalHead:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
 
     def _ray(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / "ray"), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout, check=check)
+        proc = subprocess.run([str(self.bin / "ray"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode:
+            raise RuntimeError(f"`ray {' '.join(args[:2])}` failed ({proc.returncode}): "
+                               f"{(proc.stderr or proc.stdout)[-2000:]}")
+        return proc
 
     def __enter__(self) -> "LocalHead":
         # The job SDK in this process talks to the same unauthenticated head.
         os.environ["RAY_AUTH_MODE"] = "disabled"
+        # A temp dir of its own (short: it holds unix sockets) marks this head's processes, so
+        # stopping it leaves any other Ray on the machine alone (`ray stop` would kill them all).
+        self.temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
         self._ray("start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}",
                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                  "--include-dashboard=true", "--disable-usage-stats")
+                  "--include-dashboard=true", "--disable-usage-stats",
+                  f"--temp-dir={self.temp_dir}",
+                  # Fixed default ports would collide with another Ray on this machine.
+                  *(f"--{flag}={free_port()}" for flag in (
+                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                      "metrics-export-port", "runtime-env-agent-port",
+                      "ray-client-server-port")))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._ray("stop", "--force", check=False)
+        self._kill_processes_of(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self._saved_auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
 
-    def submit(self, entrypoint: list[str], working_dir: str, submission_id: str) -> None:
-        """Submit without waiting (`ray job submit --no-wait`)."""
-        self._ray("job", "submit", f"--address={self.address}", f"--working-dir={working_dir}",
-                  f"--submission-id={submission_id}", "--no-wait", "--", *entrypoint)
+    def submit(self, entrypoint: list[str], working_dir: str, submission_id: str,
+               agent_timeout_s: float = 60.0) -> None:
+        """Submit without waiting (`ray job submit --no-wait`). Right after `ray start` the head's
+        job agent may not be up yet ("No available agent"): that answer is retried."""
+        deadline = time.monotonic() + agent_timeout_s
+        while True:
+            try:
+                self._ray("job", "submit", f"--address={self.address}",
+                          f"--working-dir={working_dir}", f"--submission-id={submission_id}",
+                          "--no-wait", "--", *entrypoint)
+                return
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    @staticmethod
+    def _kill_processes_of(temp_dir: str, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL, every process whose command line names `temp_dir` (the head's
+        GCS, raylet, dashboard and monitors; its workers exit with the raylet)."""
+        def mine() -> list[int]:
+            pids = []
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit() and entry.name != str(os.getpid()):
+                    try:
+                        if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                            pids.append(int(entry.name))
+                    except OSError:
+                        continue
+            return pids
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace_s
+            while mine() and time.monotonic() < deadline:
+                time.sleep(0.2)
 
     def _client(self):
         from ray.job_submission import JobSubmissionClient
