@@ -35,7 +35,8 @@ def run_one(model: str, seed: int, args, storage: str) -> dict[str, float]:
     cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
         f"model.name={model}", f"train.seed={seed}", f"train.steps={args.steps}",
         f"train.eval_every={max(1, args.steps // 4)}", f"train.name=quality-{model}-s{seed}",
-        f"train.storage={storage}", f"data.url={args.data}", f"ray.num_workers={args.workers}"])
+        f"train.storage={storage}", f"data.url={args.data}", f"ray.num_workers={args.workers}",
+        *args.set])
     metrics = run_training(cfg)
     return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
 
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", default="shards/css-synth-small",
                         help="CSS-synth shards (built with the small preset when missing)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra config override for every run (ablations)")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -87,7 +90,7 @@ def main() -> None:
     ks = [k for k in results[args.models[0]][0] if k.startswith("R@")]
     command = ("python bench/bench_quality.py --steps {} --seeds {} --models {} --workers {}"
                .format(args.steps, " ".join(map(str, args.seeds)), " ".join(args.models),
-                       args.workers))
+                       args.workers) + "".join(f" --set {s}" for s in args.set))
     text = (f"## Retrieval quality on CSS-synth `small` (test split, %, mean ± std over seeds "
             f"{', '.join(map(str, args.seeds))})\n\n"
             f"Same budget for every model: {args.steps} steps of batch 32 on {args.workers} "

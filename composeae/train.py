@@ -15,7 +15,6 @@ were already trained on, so a restarted run follows the same plan as an uninterr
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -244,7 +243,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     score = float(state.step)  # no validation split: the latest is the best
                 if score > state.best_score:
                     state.best_score, state.best_step = score, state.step
-                    best_model = copy.deepcopy(unwrap(model).state_dict())
+                    # On the CPU: a second copy of the weights must not cost GPU memory.
+                    best_model = {k: v.detach().to("cpu", copy=True)
+                                  for k, v in unwrap(model).state_dict().items()}
                 metrics["score"] = score
                 state.history.append({k: v for k, v in metrics.items() if k != "epoch"})
                 progress.scalars(state.step, {k: v for k, v in metrics.items() if "/" in k})
