@@ -168,6 +168,21 @@ class _Progress:
             self.writer.flush()
 
 
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step each
+    rank holds the statistics its own batch updated. Evaluation embeds a different slice on
+    every rank and the checkpoint is rank 0's: without this, ranks would embed with statistics
+    other than the saved ones and the reported recall would not match the checkpoint's.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _skip(batches, count: int):
     """Drop the first `count` batches of an epoch (already trained on before a restart)."""
     for i, batch in enumerate(batches):
@@ -232,6 +247,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           scheduler.get_last_lr()[-1], reference.shape[0])
 
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
+                _sync_buffers(model)
                 metrics = {"step": state.step, "epoch": epoch, "samples_seen": state.samples_seen}
                 if has_val:
                     val = evaluate(unwrap(model), cfg.data, cfg.eval.val_split, cfg.eval,
