@@ -26,7 +26,6 @@ import gc
 import json
 import math
 import random
-import socket
 import sys
 import time
 import traceback
@@ -111,14 +110,10 @@ def host_batches(batch_size: int, image_size: int, pin: bool,
 
 # -- one rank of DDP -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_process_group(cuda: bool) -> str:
     import torch.distributed as dist
+
+    from composeae.localcluster import free_port
 
     backend = "nccl" if cuda else "gloo"
     # device_id binds the NCCL communicator to GPU 0 up front (no device guessing at first use).
