@@ -30,15 +30,14 @@ BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 
 def run_one(model: str, seed: int, args, storage: str) -> dict[str, float]:
     from composeae.config import load_config
-    from composeae.train import run_training
+    from composeae.driver import run_training
 
     cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
         f"model.name={model}", f"train.seed={seed}", f"train.steps={args.steps}",
         f"train.eval_every={max(1, args.steps // 4)}", f"train.name=quality-{model}-s{seed}",
         f"train.storage={storage}", f"data.url={args.data}", f"ray.num_workers={args.workers}",
         *args.set])
-    metrics = run_training(cfg)
-    return {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+    return {k.removeprefix("test/"): v for k, v in run_training(cfg).test.items()}
 
 
 def table(results: dict[str, list[dict[str, float]]], ks: list[str]) -> str:

@@ -27,17 +27,13 @@ import torch
 from torch import nn
 
 from composeae.config import Config, config_from_dict, config_to_dict, replace
+from composeae.distributed import unwrap
 from composeae.errors import UserError
 from composeae.models.text import tokenizer_from_state
 from composeae.registry import create_model
 
 CHECKPOINT_FORMAT = 1
 MODEL_FILE = "model.pt"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
 
 
 def checkpoint_state(model: nn.Module, cfg: Config, **extra: Any) -> dict[str, Any]:

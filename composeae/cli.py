@@ -7,6 +7,7 @@ missing data, unreachable bucket) ends with one line `error: ...` on stderr and 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from composeae.errors import UserError
@@ -19,17 +20,46 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<22} {summary}")
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _release_ray() -> None:
+    """Disconnect from Ray before the closing lines, so none of its shutdown chatter follows
+    the table (inside `ray job submit` this only disconnects the driver)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from composeae.config import load_config
-    from composeae.train import run_training
+    from composeae.driver import describe, prepare_run, run_training
+    from composeae.evaluate import format_table
 
-    run_training(load_config(args.config, args.set))
+    prepared = prepare_run(load_config(args.config, args.set))
+    _say(describe(prepared.cfg))
+    summary = run_training(prepared)
+    _release_ray()
+    _say(format_table(summary.test, f"test recall of {prepared.cfg.model.name} (%), "
+                                    f"best step {summary.metrics['best_step']}"))
+    _say(f"run: {summary.run_url}")
+    _say(f"checkpoint: {summary.checkpoint_url}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from composeae.evaluate import run_evaluation
+    import json
 
-    run_evaluation(args.checkpoint, args.data, split=args.split, out=args.out)
+    from composeae.data import storage
+    from composeae.evaluate import evaluate_checkpoint, format_table
+
+    table = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
+    _release_ray()
+    if args.out:
+        storage.write_text(args.out, json.dumps(table, indent=2) + "\n")
+    _say(format_table(table, title=f"recall on {args.data} [{args.split}] (%)"))
+    _say(f"checkpoint: {args.checkpoint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The library's progress messages (e.g. building CSS-synth) as plain lines.
+    logging.basicConfig(format="%(message)s", stream=sys.stdout)
+    logging.getLogger("composeae").setLevel(logging.INFO)
     try:
         args.func(args)
     except UserError as exc:

@@ -50,7 +50,8 @@ class ModelConfig:
     image_encoder: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
     """Image backbone; `small_cnn` is sized for 64 px synthetic scenes."""
     image_weights: str | None = None
-    """Local file with a torchvision state dict for the ResNet; random init when unset."""
+    """Torchvision state dict for the ResNet: a file on every node or an `s3://` URL (fetched once
+    per node into `COMPOSEAE_CACHE_DIR`); random init when unset."""
     image_dim: int = 512
     """Image feature size after the backbone's projection layer."""
     text_encoder: Literal["lstm", "bert"] = "lstm"
@@ -62,7 +63,8 @@ class ModelConfig:
     max_text_len: int = 32
     """Tokens kept per text."""
     bert_path: str | None = None
-    """Local directory of a pretrained BERT (`save_pretrained` layout); scratch BERT when unset."""
+    """Pretrained BERT in `save_pretrained` layout: a directory on every node or an `s3://` prefix
+    (fetched once per node into `COMPOSEAE_CACHE_DIR`); scratch BERT when unset."""
     bert_layers: int = 2
     """Scratch BERT: transformer layers."""
     bert_hidden: int = 256
@@ -209,7 +211,10 @@ _NON_NEGATIVE = {
 
 
 def validate(cfg: Config) -> None:
-    """Check values that types alone cannot (ranges, cross-field rules, registered names)."""
+    """Check values that types alone cannot (ranges, cross-field rules).
+
+    Model names are checked where models are created (`composeae.registry`): the config tree
+    knows nothing of the model zoo."""
     for dotted in _POSITIVE | _NON_NEGATIVE:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -230,11 +235,6 @@ def validate(cfg: Config) -> None:
     if not cfg.train.name or "/" in cfg.train.name:
         raise UserError(f"config key train.name must be a non-empty name without '/', "
                         f"got {cfg.train.name!r}")
-    from composeae.registry import list_models  # late: the registry imports the models
-
-    if cfg.model.name not in list_models():
-        raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "
-                        f"registered: {', '.join(list_models())}")
 
 
 def _coerce(dotted: str, value: Any, annotation: Any) -> Any:

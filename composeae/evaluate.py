@@ -6,39 +6,20 @@ pure `composeae.metrics.recall_at_k`, using the schema's hit rule: a gallery ite
 when its label equals the query's target label within the same group, and the query's own
 reference image is excluded from its ranking.
 
-`run_evaluation` is `composeae eval`: it runs the same code on Ray Train workers for a checkpoint.
+`evaluate_checkpoint` is `composeae eval`: the same code on Ray Train workers for a checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from composeae.config import Config, DataConfig, EvalConfig
+from composeae.distributed import autocast_context, gather_objects
 from composeae.metrics import encode_labels, recall_at_k, subset_recall_at_k
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU when asked (or `auto`); plain fp32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (just `[obj]` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 @torch.no_grad()
@@ -120,6 +101,7 @@ def format_table(metrics: dict[str, float], title: str = "") -> str:
 
 
 def _eval_worker(config: dict) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -133,49 +115,48 @@ def _eval_worker(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     metrics = evaluate(model, cfg.data, config["split"], cfg.eval, rank=ctx.get_world_rank(),
                        world_size=ctx.get_world_size(), device=device, precision=cfg.train.precision)
-    ray.train.report({f"{config['split']}/{k}": v for k, v in metrics.items()})
     if ctx.get_world_rank() == 0:
-        # Result.metrics is only kept for reports with a checkpoint; hand the table back directly.
-        from composeae.data import storage
-
-        storage.write_text(config["result_url"], json.dumps(metrics))
+        # Every rank holds the same table; rank 0's travels back through Ray, wherever it runs.
+        ray.get(config["box"].put.remote(metrics))
 
 
-def run_evaluation(checkpoint: str, data_url: str, *, split: str = "test",
-                   out: str | None = None, num_workers: int | None = None) -> dict[str, float]:
-    """`composeae eval`: evaluate a checkpoint on `data_url` with Ray Train workers."""
+def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
+                        num_workers: int | None = None) -> dict[str, float]:
+    """Recall of a checkpoint on `data_url`'s `split`, computed by Ray Train workers; returns
+    {"<split>/R@K": value}. Prints nothing (the command line prints the table)."""
     import tempfile
+    import uuid
 
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from composeae.checkpoint import load_checkpoint
     from composeae.config import config_from_dict, config_to_dict, replace
-    from composeae.data import storage
     from composeae.data.stream import has_split
+    from composeae.driver import (absolute_paths, absolute_url, check_local_paths_on_nodes,
+                                  init_ray, result_box)
     from composeae.errors import UserError
-    from composeae.raysetup import absolute_paths, absolute_url, init_ray
 
     checkpoint = absolute_url(checkpoint)
     cfg: Config = config_from_dict(load_checkpoint(checkpoint)["config"])
     cfg = absolute_paths(replace(cfg, data={"url": data_url}))
     if not has_split(cfg.data, split):
         raise UserError(f"dataset {data_url} has no split {split!r}")
-    workers = num_workers or cfg.ray.num_workers
     init_ray(cfg)
+    check_local_paths_on_nodes({"--checkpoint": checkpoint, "--data": cfg.data.url})
+    box = result_box()
     with tempfile.TemporaryDirectory() as tmp:
-        result_url = f"{tmp}/metrics.json"
         TorchTrainer(
             _eval_worker,
             train_loop_config={"checkpoint": checkpoint, "cfg": config_to_dict(cfg),
-                               "split": split, "result_url": result_url},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                               "split": split, "box": box},
+            scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers,
+                                         use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=RunConfig(name=f"eval-{split}", storage_path=tmp),
+            # Nothing is checkpointed: the storage only holds Ray's own run bookkeeping.
+            run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp),
         ).fit()
-        metrics = json.loads(storage.read_text(result_url))
-    table = {f"{split}/{k}": v for k, v in metrics.items()}
-    print(format_table(table, title=f"recall on {data_url} [{split}] (%)"))
-    if out:
-        storage.write_text(out, json.dumps(table, indent=2) + "\n")
-    return table
+    metrics = ray.get(box.get.remote())
+    ray.kill(box)
+    return {f"{split}/{k}": v for k, v in metrics.items()}

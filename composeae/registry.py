@@ -47,7 +47,8 @@ def list_models() -> list[str]:
 def model_class(name: str) -> type:
     _ensure_builtin_models()
     if name not in _MODELS:
-        raise UserError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODELS))}")
+        raise UserError(f"config key model.name: unknown model {name!r}; "
+                        f"registered: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
 
 

@@ -14,6 +14,10 @@ from typing import Any
 from composeae.config import Config, dump_config
 
 
+_NOT_LOSSES = {"step", "lr", "samples_per_s"}
+"""Keys of a logged training row that are not loss terms."""
+
+
 def _figure_png(series: dict[str, tuple[list[float], list[float]]], title: str, ylabel: str) -> str:
     import matplotlib
 
@@ -49,8 +53,9 @@ def _series(history: list[dict[str, float]], prefix: str) -> dict[str, tuple[lis
 
 def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[str, Any]) -> str:
     """The report page as an HTML string."""
-    losses = {k: v for k, v in _series(history, "").items()
-              if k in {"loss", "base", "img_rec", "txt_rec", "sym"}}
+    # Loss terms are whatever the model declared: the keys of the logged training rows.
+    terms = {k for row in history if "loss" in row for k in row} - _NOT_LOSSES
+    losses = {k: v for k, v in _series(history, "").items() if k in terms}
     recalls = _series(history, "val/")
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.2f}</td></tr>"
                    for k, v in metrics.items() if "@" in k)

@@ -1,21 +1,19 @@
-"""Training on Ray Train V2: the per-worker loop and the driver that builds the TorchTrainer.
+"""The Ray Train worker loop: what every rank runs (the driver side is `composeae.driver`).
 
-Driver (`run_training`): checks the data, builds the tokenizer from the corpus once, starts or
-joins Ray, and fits a `TorchTrainer` whose run is named `train.name` under `train.storage`, so
-submitting the same run again resumes from its last checkpoint. It then writes `metrics.json`,
-`config.yaml` and `report.html` into the run directory and prints the recall table.
-
-Worker (`train_loop_per_worker`): streams its slice of the shards, trains the DDP-wrapped model,
-and every `train.eval_every` steps evaluates on the validation split and reports a checkpoint
-(every rank calls `ray.train.report` equally often: it is a barrier). The final report carries the
-test-split recall of the best-by-validation weights. Resuming restores model, optimizer,
-schedule, step, samples seen and history, and skips the batches of the interrupted epoch that
-were already trained on, so a restarted run follows the same plan as an uninterrupted one.
+`train_loop_per_worker` streams its slice of the shards, trains the DDP-wrapped model with
+`train_step`, and every `train.eval_every` steps evaluates on the validation split and reports a
+checkpoint (every rank calls `ray.train.report` equally often: it is a barrier). The final report
+carries the test-split recall of the best-by-validation weights, in a checkpoint named `final`.
+Resuming restores model, optimizer, schedule, step, samples seen and history, and skips the
+batches of the interrupted epoch that were already trained on, so a restarted run follows the
+same plan as an uninterrupted one. A run restored from its `final` checkpoint is finished: it
+reports nothing more, so resubmitting it any number of times leaves its checkpoints as they are.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -27,14 +25,15 @@ from typing import Any
 
 import torch
 
-from composeae.checkpoint import MODEL_FILE, checkpoint_state, save_checkpoint, unwrap
-from composeae.config import Config, config_from_dict, config_to_dict, dump_config
-from composeae.evaluate import autocast_context, evaluate, format_table
+from composeae.checkpoint import MODEL_FILE, checkpoint_state, save_checkpoint
+from composeae.config import Config, config_from_dict
+from composeae.distributed import autocast_context, sync_buffers, unwrap
+from composeae.evaluate import evaluate, format_table
 from composeae.optim import build_optimizer, build_scheduler
 
-FAULT_ENV = "COMPOSEAE_FAULT_AT_STEP"
-"""Fault injection for tests and drills: `STEP` or `STEP:RANK` kills that worker once at STEP."""
 FINAL_CHECKPOINT = "final"
+HISTORY_FILE = "history.json"
+"""Next to `model.pt` in every reported checkpoint: the logged rows, readable without the weights."""
 
 
 @dataclass
@@ -46,6 +45,8 @@ class TrainState:
     best_step: int = -1
     resumes: int = 0
     """Times a worker group restarted from a checkpoint (after a failure or a resubmission)."""
+    finished: bool = False
+    """Set in the `final` checkpoint: a run restored from it has nothing left to do."""
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -61,8 +62,8 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
-    """Kill this worker process once at the step named by COMPOSEAE_FAULT_AT_STEP (read by the
-    driver; `fault["marker"]` is unique per `fit()`, so the restarted group gets past it)."""
+    """Kill this worker process once at the step planned by `composeae.driver.fault_plan`
+    (`fault["marker"]` is unique per `fit()`, so the restarted group gets past it)."""
     if not fault:
         return
     at_step, _, at_rank = fault["spec"].partition(":")
@@ -78,15 +79,6 @@ def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
     time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
     _say(f"[fault injection] rank {rank} exits at step {step}")
     os._exit(1)
-
-
-def _fault_plan() -> dict | None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    import uuid
-
-    return {"spec": spec, "marker": str(Path(tempfile.gettempdir()) / f"composeae-fault-{uuid.uuid4().hex}")}
 
 
 def _restore(model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
@@ -117,6 +109,7 @@ def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: in
         return
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / MODEL_FILE, state_dict)
+        (Path(tmp) / HISTORY_FILE).write_text(json.dumps(state_dict["train_state"]["history"]))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=name)
 
@@ -124,13 +117,13 @@ def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: in
 class _Progress:
     """Rank 0's console lines and TensorBoard scalars."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, tb_dir: str | None):
+    def __init__(self, cfg: Config, rank: int, world_size: int, tb_url: str | None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.writer = None
-        if rank == 0 and tb_dir:
-            from tensorboardX import SummaryWriter
+        if rank == 0 and tb_url:
+            from composeae.tblog import open_writer
 
-            self.writer = SummaryWriter(tb_dir)
+            self.writer = open_writer(tb_url)
         self.window_start = time.perf_counter()
         self.window_samples = self.window_steps = 0
         self.window_sums: dict[str, torch.Tensor] = {}
@@ -162,25 +155,13 @@ class _Progress:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
-            for k, v in values.items():
-                # TensorBoard tags allow no "@": R@1 is written as R_1.
-                self.writer.add_scalar(k.replace("@", "_"), v, step)
-            self.writer.flush()
+            from composeae.tblog import add_scalars
 
+            add_scalars(self.writer, step, values)
 
-def _sync_buffers(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics).
-
-    DDP broadcasts buffers at the start of each forward, so after the last training step each
-    rank holds the statistics its own batch updated. Evaluation embeds a different slice on
-    every rank and the checkpoint is rank 0's: without this, ranks would embed with statistics
-    other than the saved ones and the reported recall would not match the checkpoint's.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buffer in unwrap(model).buffers():
-            dist.broadcast(buffer, src=0)
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _skip(batches, count: int):
@@ -188,6 +169,31 @@ def _skip(batches, count: int):
     for i, batch in enumerate(batches):
         if i >= count:
             yield batch
+
+
+def train_step(model, optimizer, scheduler, batch: dict[str, Any], cfg: Config,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch: forward (autocast per `train.precision`), backward,
+    optional gradient clipping, optimizer and schedule step. Returns the detached loss terms."""
+    reference = batch["reference"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    with autocast_context(device, cfg.train.precision):
+        terms = model(reference, list(batch[cfg.data.text_mode]), target)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every `ray.train.report` of every rank at INFO through the worker's root
+    logger (its console handler): one long `Reporting training result N` line per rank and
+    evaluation. This loop prints its own progress, so the worker's root logger is set to
+    WARNING; Ray's own `ray.train` logger keeps its configured level and handlers."""
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -198,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from composeae.models.text import tokenizer_from_state
     from composeae.registry import create_model
 
+    _quiet_ray_reports()
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -209,6 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     state, best_model = _restore(model, optimizer, scheduler)
+    if state.finished:
+        # Every rank restored the same `final` checkpoint. Reporting it again would register a
+        # second entry for the same folder, and trimming the older entry deletes it.
+        if rank == 0:
+            _say(f"run {cfg.train.name} is already finished (step {state.step}); nothing to do")
+        return
     if state.step:
         _say(f"rank {rank}: resumed at step {state.step}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # dropout differs per rank
@@ -216,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = TrainStream(cfg.data, cfg.train.batch_size, rank=rank, world_size=world_size,
                          seed=cfg.train.seed)
     has_val = has_split(cfg.data, cfg.eval.val_split)
-    progress = _Progress(cfg, rank, world_size, config.get("tensorboard_dir"))
+    progress = _Progress(cfg, rank, world_size, config.get("tensorboard_url"))
 
     def snapshot(model_state: dict, best: dict | None) -> dict:
         """The checkpoint dict: weights, optimizer, schedule, progress (and best weights)."""
@@ -231,23 +244,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch, done = divmod(state.step, stream.steps_per_epoch)
         for batch in _skip(stream.epoch(epoch), done):
             _maybe_inject_fault(config.get("fault"), state.step, rank)
-            reference = batch["reference"].to(device, non_blocking=True)
-            target = batch["target"].to(device, non_blocking=True)
-            with autocast_context(device, cfg.train.precision):
-                terms = model(reference, list(batch[cfg.data.text_mode]), target)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            terms = train_step(model, optimizer, scheduler, batch, cfg, device)
+            batch_size = batch["reference"].shape[0]
             state.step += 1
-            state.samples_seen += reference.shape[0] * world_size
-            progress.step(state, {k: v.detach() for k, v in terms.items()},
-                          scheduler.get_last_lr()[-1], reference.shape[0])
+            state.samples_seen += batch_size * world_size
+            progress.step(state, terms, scheduler.get_last_lr()[-1], batch_size)
 
             if state.step % cfg.train.eval_every == 0 or state.step == cfg.train.steps:
-                _sync_buffers(model)
+                sync_buffers(model)
                 metrics = {"step": state.step, "epoch": epoch, "samples_seen": state.samples_seen}
                 if has_val:
                     val = evaluate(unwrap(model), cfg.data, cfg.eval.val_split, cfg.eval,
@@ -284,75 +288,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              "resumes": state.resumes,
              "score": state.best_score, "final": True} | {f"test/{k}": v for k, v in test.items()}
     progress.scalars(state.step, {k: v for k, v in final.items() if "/" in k})
+    progress.close()
+    state.finished = True
     _report(final, snapshot(final_weights, None) if rank == 0 else None, rank, FINAL_CHECKPOINT)
-
-
-def run_training(cfg: Config) -> dict[str, Any]:
-    """Train `cfg` on Ray, then write metrics.json, config.yaml and report.html in the run dir."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from composeae.data import storage
-    from composeae.data.stream import has_split, load_corpus
-    from composeae.errors import UserError
-    from composeae.models.text import build_tokenizer
-    from composeae.raysetup import absolute_paths, init_ray
-    from composeae.report import write_report
-
-    cfg = prepare_data(absolute_paths(cfg))
-    if not has_split(cfg.data, cfg.eval.test_split):
-        raise UserError(f"dataset {cfg.data.url} has no split {cfg.eval.test_split!r}")
-    tokenizer = build_tokenizer(cfg.model.text_encoder, load_corpus(cfg.data),
-                                bert_path=cfg.model.bert_path, vocab_size=cfg.model.bert_vocab_size)
-    run_url = storage.join(cfg.train.storage, cfg.train.name)
-    storage.write_text(storage.join(run_url, "config.yaml"), dump_config(cfg))
-    tb_dir = None if storage.is_s3(run_url) else str(Path(run_url, "tensorboard").resolve())
-    init_ray(cfg)
-
-    print(f"training {cfg.model.name} on {cfg.data.url} with {cfg.ray.num_workers} "
-          f"{'GPU' if cfg.ray.use_gpu else 'CPU'} worker(s); run {run_url}", flush=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": config_to_dict(cfg), "tokenizer": tokenizer.state(),
-                           "tensorboard_dir": tb_dir, "fault": _fault_plan()},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=RunConfig(
-            name=cfg.train.name, storage_path=cfg.train.storage,
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
-                                               checkpoint_score_attribute="score",
-                                               checkpoint_score_order="max")),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None or not (result.metrics or {}).get("final"):
-        raise RuntimeError(f"run {cfg.train.name} ended without its final report")
-    metrics = {k: v for k, v in result.metrics.items() if k != "final"}
-    with result.checkpoint.as_directory() as path:
-        final = torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True)
-    metrics["checkpoint"] = result.checkpoint.path
-    storage.write_text(storage.join(run_url, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    write_report(run_url, cfg, final["train_state"]["history"], metrics)
-    print(format_table({k: v for k, v in metrics.items() if k.startswith("test/")},
-                       f"test recall of {cfg.model.name} (%), best step {metrics['best_step']}"))
-    print(f"run directory: {run_url}", flush=True)
-    return metrics
-
-
-def prepare_data(cfg: Config) -> Config:
-    """Fail early on a missing dataset, or build CSS-synth there when the config asks to."""
-    from composeae.data import storage
-    from composeae.data.schema import MANIFEST
-    from composeae.errors import UserError
-
-    if storage.exists(storage.join(cfg.data.url, MANIFEST)):
-        return cfg
-    if not cfg.data.synth_if_missing:
-        raise UserError(f"no dataset at {cfg.data.url} (manifest.json not found); build one with "
-                        f"`composeae shards synth` or `composeae shards convert`")
-    from composeae.data.synth import generate
-
-    print(f"building CSS-synth '{cfg.data.synth_preset}' shards at {cfg.data.url}", flush=True)
-    generate(cfg.data.url, preset=cfg.data.synth_preset, seed=cfg.train.seed,
-             image_size=cfg.data.image_size)
-    return cfg

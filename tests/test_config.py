@@ -40,7 +40,6 @@ def test_round_trip_through_yaml(tmp_path):
     ("modle:\n  name: tirg\n", [], "modle"),
     ("", ["model.embed_dim=-4"], "model.embed_dim"),
     ("", ["loss.w_sym=-0.1"], "loss.w_sym"),
-    ("", ["model.name=resnet_magic"], "model.name"),
     ("", ["train.steps=ten"], "train.steps"),
     ("", ["train.steps=2.5"], "train.steps"),
     ("", ["model.freeze_text=maybe"], "model.freeze_text"),
@@ -55,6 +54,25 @@ def test_errors_name_the_key(tmp_path, text, overrides, needle):
         load_config(write(tmp_path, text), overrides)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_unknown_model_is_named_where_models_are_created():
+    from composeae.registry import model_class
+
+    cfg = load_config(None, ["model.name=resnet_magic"])  # the config tree knows no model zoo
+    with pytest.raises(UserError) as err:
+        model_class(cfg.model.name)
+    assert "model.name" in str(err.value) and "tirg" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_config_imports_no_model():
+    import subprocess
+    import sys
+
+    code = "import sys, composeae.config; print(any(m.startswith('composeae.models') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

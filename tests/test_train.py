@@ -57,82 +57,118 @@ def untrained_recall(cfg) -> dict[str, float]:
 
 
 def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tmp_path):
-    from composeae.train import run_training
+    from composeae.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 40, "eval_every": 20, "log_every": 10})
     before = untrained_recall(cfg)
-    metrics = run_training(cfg)
-    after = {k.removeprefix("test/"): v for k, v in metrics.items() if k.startswith("test/")}
+    summary = run_training(cfg)
+    metrics = summary.metrics
+    after = {k.removeprefix("test/"): v for k, v in summary.test.items()}
     assert sum(after.values()) > sum(before.values()), (before, after)
     assert metrics["step"] == 40
     assert metrics["samples_seen"] == 40 * cfg.train.batch_size * cfg.ray.num_workers
 
     run = tmp_path / "runs" / "tiny"
-    assert json.loads((run / "metrics.json").read_text())["test/R@1"] == metrics["test/R@1"]
+    written = json.loads((run / "metrics.json").read_text())
+    assert written["test/R@1"] == metrics["test/R@1"]
+    # The checkpoint is named by an absolute path that `composeae eval` takes as it is.
+    assert written["checkpoint"] == summary.checkpoint_url == str(run / "final")
     assert (run / "config.yaml").is_file()
     report = (run / "report.html").read_text()
     assert "data:image/png;base64" in report and "test/R@1" in report
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     assert (run / "final" / "model.pt").is_file()
+    # The history comes from the final checkpoint's small history file, in step order.
+    assert [h["step"] for h in summary.history if "val/R@1" in h] == [20, 40]
 
-    # `composeae eval` on the final checkpoint reproduces the run's test table.
-    from composeae.evaluate import run_evaluation
-
-    table = run_evaluation(str(run / "final"), cfg.data.url, split="test",
-                           out=str(tmp_path / "eval.json"))
-    assert table == pytest.approx({k: v for k, v in metrics.items() if k.startswith("test/")})
-    assert json.loads((tmp_path / "eval.json").read_text()) == table
+    # `composeae eval` on the final checkpoint reproduces the run's test table, with the table
+    # handed back through Ray (no file on the driver's disk).
+    proc = subprocess.run(
+        [sys.executable, "-m", "composeae.cli", "eval", "--checkpoint", written["checkpoint"],
+         "--data", cfg.data.url, "--out", str(tmp_path / "eval.json")],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((tmp_path / "eval.json").read_text())
+    assert table == pytest.approx(summary.test)
+    # The table and the checkpoint are the last lines the user sees.
+    last = proc.stdout.strip().splitlines()[-4:]
+    assert last[0].startswith("recall on") and last[-1] == f"checkpoint: {written['checkpoint']}"
+    assert "Reporting training result" not in proc.stdout + proc.stderr
 
 
 def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_path):
     from composeae.checkpoint import load_checkpoint, model_from_checkpoint
     from composeae.data.synth import generate
-    from composeae.train import run_training
+    from composeae.driver import run_training
+    from composeae.evaluate import evaluate_checkpoint
 
     shards = f"{s3_bucket}/shards/css-tiny"
     generate(shards, preset="tiny", seed=0, image_size=32)
     cfg = tiny(tmp_path, shards, train={"storage": f"{s3_bucket}/runs", "steps": 4,
                                         "eval_every": 2})
-    metrics = run_training(cfg)
+    summary = run_training(cfg)
     run = f"{s3_bucket}/runs/tiny"
-    assert json.loads(storage.read_text(f"{run}/metrics.json"))["step"] == 4
+    written = json.loads(storage.read_text(f"{run}/metrics.json"))
+    assert written["step"] == 4
     names = storage.listdir(run)
     assert "final" in names and "report.html" in names
-    model, restored = model_from_checkpoint(load_checkpoint(f"{run}/final"))
+    # TensorBoard events are written under the run URL in the bucket.
+    assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{run}/tensorboard"))
+    # metrics.json names the checkpoint as an s3:// URL that evaluation accepts as it is.
+    assert written["checkpoint"] == f"{run}/final" == summary.checkpoint_url
+    model, restored = model_from_checkpoint(load_checkpoint(written["checkpoint"]))
     assert restored.data.url == shards and model.registered_name == "composeae"
-    assert metrics["checkpoint"].startswith(run.removeprefix("s3://"))
+    table = evaluate_checkpoint(written["checkpoint"], shards, split="test", num_workers=1)
+    assert table == pytest.approx(summary.test)
 
 
 def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch):
-    from composeae.train import FAULT_ENV, run_training
+    from composeae.driver import FAULT_ENV, run_training
 
     monkeypatch.setenv(FAULT_ENV, "5:1")  # rank 1 dies once at step 5, after the step-3 checkpoint
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 8, "eval_every": 3})
-    metrics = run_training(cfg)
+    summary = run_training(cfg)
+    metrics = summary.metrics
     assert metrics["resumes"] == 1
     assert metrics["step"] == 8
     assert metrics["samples_seen"] == 8 * cfg.train.batch_size * cfg.ray.num_workers
-    history = torch.load(tmp_path / "runs" / "tiny" / "final" / "model.pt",
-                         weights_only=True)["train_state"]["history"]
     # Validation happened at the planned steps, once each, despite the restart; and training
     # steps 4-5 were redone from the step-3 checkpoint, not skipped.
-    assert [h["step"] for h in history if "val/R@1" in h] == [3, 6, 8]
-    assert [h["step"] for h in history if "loss" in h] == [2, 4, 6, 8]
+    assert [h["step"] for h in summary.history if "val/R@1" in h] == [3, 6, 8]
+    assert [h["step"] for h in summary.history if "loss" in h] == [2, 4, 6, 8]
 
 
-def test_resubmitting_a_finished_run_resumes(ray_local, tiny_shards, tmp_path):
-    from composeae.train import run_training
+def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
+    """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
+    same metrics, and its final checkpoint loads every time."""
+    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.driver import run_training
 
-    cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2})
-    first = run_training(cfg)
-    final = tmp_path / "runs" / "tiny" / "final" / "model.pt"
-    history = torch.load(final, weights_only=True)["train_state"]["history"]
-    second = run_training(cfg)
-    assert (first["resumes"], second["resumes"]) == (0, 1)
-    assert second["step"] == first["step"] == 4
-    # No training step was repeated: the history is the first run's.
-    assert torch.load(final, weights_only=True)["train_state"]["history"] == history
-    assert second["test/R@1"] == pytest.approx(first["test/R@1"])
+    cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2},
+               ray={"num_to_keep": 1})
+    summaries = [run_training(cfg) for _ in range(5)]
+    first = summaries[0]
+    for again in summaries[1:]:
+        assert again.metrics == first.metrics
+        assert again.history == first.history  # no step was trained again
+        model, _ = model_from_checkpoint(load_checkpoint(again.checkpoint_url))
+        assert model.registered_name == "composeae"
+    assert first.metrics["resumes"] == 0
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "metrics.json").read_text()) == first.metrics
+    assert (run / "final" / "model.pt").is_file()
+
+
+def test_a_local_path_missing_on_a_node_is_one_line(ray_local, tmp_path):
+    from composeae.driver import check_local_paths_on_nodes
+    from composeae.errors import UserError
+
+    check_local_paths_on_nodes({"--data": str(tmp_path)})  # present on the only node
+    with pytest.raises(UserError) as err:
+        check_local_paths_on_nodes({"--checkpoint": str(tmp_path / "nowhere")})
+    message = str(err.value)
+    assert message.startswith("--checkpoint:") and "does not exist on node" in message
+    assert "\n" not in message
 
 
 def test_bad_config_fails_before_any_worker(tmp_path):

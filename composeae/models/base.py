@@ -28,6 +28,9 @@ class RetrievalModel(nn.Module):
     registered_name = ""
     uses_text = True
     """False for models that never read the modifier (they build no text encoder)."""
+    loss_terms: tuple[str, ...] = ("base",)
+    """The weighted terms of the training loss; term `t` is weighted by `loss.w_<t>`. A model
+    with another term declares it here and returns it from `auxiliary_losses`."""
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__()
@@ -42,8 +45,7 @@ class RetrievalModel(nn.Module):
         # The learnable scale s of the official NormalizationLayer (s x / |x|), which both base
         # losses see: logits s^2 cos for classification, distances |s a - s b|^2 for triplets.
         self.scale = nn.Parameter(torch.tensor(float(loss_cfg.init_scale)))
-        self.loss_weights = {"base": loss_cfg.w_base, "img_rec": loss_cfg.w_img_rec,
-                             "txt_rec": loss_cfg.w_txt_rec, "sym": loss_cfg.w_sym}
+        self.loss_weights = {term: getattr(loss_cfg, f"w_{term}") for term in self.loss_terms}
 
     # -- what subclasses provide -------------------------------------------------------------
     def compose_features(self, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
@@ -85,5 +87,8 @@ class RetrievalModel(nn.Module):
         query = self.compose_features(x, q)
         terms = {"base": self.base_loss(query, self.image_to_embed(x_target))}
         terms.update(self.auxiliary_losses(x, q, x_target, query))
+        if terms.keys() != set(self.loss_terms):
+            raise RuntimeError(f"{type(self).__name__} returned loss terms {sorted(terms)}, "
+                               f"declared {sorted(self.loss_terms)}")
         terms["loss"] = sum(self.loss_weights[name] * value for name, value in terms.items())
         return terms

@@ -50,6 +50,7 @@ class _AutoEncoderComposer(RetrievalModel):
     """Shared body of ComposeAE and RealSpaceConcatAE; `_mix` builds phi and the conv channels."""
 
     conv_inputs = 5
+    loss_terms = ("base", "img_rec", "txt_rec")
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
@@ -88,6 +89,8 @@ class _AutoEncoderComposer(RetrievalModel):
 @register_model("composeae")
 class ComposeAE(_AutoEncoderComposer):
     """ComposeAE: complex-space rotation of the image by the text, autoencoder and symmetry losses."""
+
+    loss_terms = ("base", "img_rec", "txt_rec", "sym")
 
     def _mix(self, x_tilde, delta, x_embed, conjugate):
         re, im = rotate(x_tilde, delta, conjugate)
