@@ -96,7 +96,7 @@ def modifier_texts(count: int, rng: random.Random) -> list[str]:
 
 def host_batches(batch_size: int, image_size: int, pin: bool,
                  rng: random.Random) -> list[tuple[torch.Tensor, list[str], torch.Tensor]]:
-    """(reference, texts, target) batches in host memory, pinned when a GPU will read them."""
+    """{reference, modifier, target} batches in host memory, pinned when a GPU will read them."""
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(HOST_BATCHES):
@@ -104,7 +104,8 @@ def host_batches(batch_size: int, image_size: int, pin: bool,
                              for _ in range(2))
         if pin:
             reference, target = reference.pin_memory(), target.pin_memory()
-        batches.append((reference, modifier_texts(batch_size, rng), target))
+        batches.append({"reference": reference, "modifier": modifier_texts(batch_size, rng),
+                        "target": target})
     return batches
 
 
@@ -123,34 +124,26 @@ def init_process_group(cuda: bool) -> str:
     return backend
 
 
-def build(model_name: str, row: Row, tokenizer, device: torch.device):
-    """The registry's model with the project's default sizes, DDP-wrapped, and its optimizer."""
+def build(model_name: str, row: Row, tokenizer, device: torch.device, steps: int):
+    """The registry's model with the project's default sizes, DDP-wrapped, its optimizer and
+    schedule, and the config the production step reads (precision `auto`: bf16 on GPU)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from composeae.config import LossConfig, ModelConfig, OptimConfig
-    from composeae.optim import build_optimizer
+    from composeae.config import load_config
+    from composeae.optim import build_optimizer, build_scheduler
     from composeae.registry import create_model
 
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(name=model_name, image_encoder=row.image_encoder),
-                         LossConfig(), tokenizer).to(device)
     # The optimizer css-synth-full.yaml trains with; its groups come from the unwrapped model.
-    optimizer = build_optimizer(model, OptimConfig(name="adam", lr=1e-3, backbone_lr_mult=1.0,
-                                                   weight_decay=0.0))
+    cfg = load_config(None, [f"model.name={model_name}", f"model.image_encoder={row.image_encoder}",
+                             "optim.name=adam", "optim.lr=0.001", "optim.backbone_lr_mult=1.0",
+                             "optim.weight_decay=0.0", "optim.schedule=constant",
+                             "train.precision=auto", "data.text_mode=modifier"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model, cfg.loss, tokenizer).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return ddp, optimizer
-
-
-def train_step(model, optimizer, batch, device: torch.device, bf16: bool) -> torch.Tensor:
-    reference, texts, target = batch
-    reference = reference.to(device, non_blocking=True)
-    target = target.to(device, non_blocking=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        terms = model(reference, texts, target)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-    return terms["loss"].detach()
+    return ddp, optimizer, scheduler, cfg
 
 
 def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
@@ -160,23 +153,28 @@ def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, optimizer = build(model_name, row, tokenizer, device)
+    from composeae.train import train_step  # the step every rank of a training run takes
+
+    model, optimizer, scheduler, cfg = build(model_name, row, tokenizer, device,
+                                             args.warmup + args.steps)
     model.train()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     loss = None
     for step in range(args.warmup):
-        loss = train_step(model, optimizer, batches[step % len(batches)], device, cuda)
+        loss = train_step(model, optimizer, scheduler, batches[step % len(batches)], cfg,
+                          device)["loss"]
     sync()
     start = time.perf_counter()
     for step in range(args.steps):
-        loss = train_step(model, optimizer, batches[step % len(batches)], device, cuda)
+        loss = train_step(model, optimizer, scheduler, batches[step % len(batches)], cfg,
+                          device)["loss"]
     sync()
     elapsed = time.perf_counter() - start
     final_loss = float(loss)
     if not math.isfinite(final_loss):
         raise RuntimeError(f"{model_name} {row.label}: loss became {final_loss}")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-    del model, optimizer
+    del model, optimizer, scheduler
     return {"samples_per_s": args.steps * args.batch_size / elapsed,
             "ms_per_step": 1000 * elapsed / args.steps, "peak_mem_gb": peak, "loss": final_loss}
 

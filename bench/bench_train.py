@@ -38,12 +38,13 @@ def bench_config(shards: str, steps: int):
 def _model_and_optimizer(cfg):
     from composeae.data.stream import load_corpus
     from composeae.models.text import build_tokenizer
-    from composeae.optim import build_optimizer
+    from composeae.optim import build_optimizer, build_scheduler
     from composeae.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))
-    return model, build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)
+    return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
 
 def memory_batches(cfg, count: int) -> list[dict]:
@@ -56,24 +57,24 @@ def memory_batches(cfg, count: int) -> list[dict]:
     return batches
 
 
-def timed_steps(model, optimizer, batches, text_key: str, warmup: int = 3) -> float:
-    """samples/s over `batches` after `warmup` untimed steps."""
+def timed_steps(model, optimizer, scheduler, batches, cfg, warmup: int = 3) -> float:
+    """samples/s of the production step (`composeae.train.train_step`) over `batches`, after
+    `warmup` untimed steps."""
+    from composeae.train import train_step
+
     model.train()
+    device = next(model.parameters()).device
     start, samples = None, 0
     for i, batch in enumerate(batches):
         if i == warmup:
             start, samples = time.perf_counter(), 0
-        terms = model(batch["reference"], list(batch[text_key]), batch["target"])
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        train_step(model, optimizer, scheduler, batch, cfg, device)
         samples += batch["reference"].shape[0]
     return samples / (time.perf_counter() - start)
 
 
 def plain_loop(cfg, batches) -> float:
-    model, optimizer = _model_and_optimizer(cfg)
-    return timed_steps(model, optimizer, batches, cfg.data.text_mode)
+    return timed_steps(*_model_and_optimizer(cfg), batches, cfg)
 
 
 def _ray_worker(config: dict) -> None:
@@ -84,14 +85,14 @@ def _ray_worker(config: dict) -> None:
     from composeae.data.stream import TrainStream
 
     cfg = config_from_dict(config["cfg"])
-    model, optimizer = _model_and_optimizer(cfg)
+    model, optimizer, scheduler = _model_and_optimizer(cfg)
     model = ray.train.torch.prepare_model(model)
     if config["mode"] == "memory":
         batches = config["batches"]
     else:
         stream = TrainStream(cfg.data, cfg.train.batch_size, rank=0, world_size=1, seed=0)
         batches = _cycle(stream, len(config["batches"]))
-    rate = timed_steps(model, optimizer, batches, cfg.data.text_mode)
+    rate = timed_steps(model, optimizer, scheduler, batches, cfg)
     Path(config["out"]).write_text(json.dumps({"rate": rate}))
     ray.train.report({"rate": rate})
 

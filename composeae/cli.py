@@ -62,6 +62,27 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     _say(f"checkpoint: {args.checkpoint}")
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from composeae.data import storage
+    from composeae.evaluate import format_table
+    from composeae.sweep import load_sweep
+    from composeae.tune import run_sweep
+
+    sweep = load_sweep(args.config, args.set)
+    _say(sweep.describe())
+    summary = run_sweep(sweep)
+    _release_ray()
+    _say(f"{summary.trials} trials: {summary.finished} finished, {summary.stopped_early} stopped "
+         f"early by the scheduler, {summary.errored} failed")
+    params = ", ".join(f"{k}={v}" for k, v in summary.best_params.items())
+    _say(f"best trial {summary.best_trial} ({sweep.metric} "
+         f"{100 * summary.best_val[sweep.metric]:.2f}): {params}")
+    _say(format_table(summary.best_val, "its validation recall (%)"))
+    _say(format_table(summary.best_test, "its test recall (%)"))
+    _say(f"sweep page: {storage.join(summary.url, 'summary.html')}")
+    _say(f"train it again: composeae train --config {summary.best_yaml}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from composeae.data import commands as shard_commands
 
@@ -79,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune (a sweep file)")
+    p.add_argument("--config", required=True, help="sweep YAML (jobs/configs/sweeps/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key (num_samples=8) or a config key "
+                        "(section.key=value); repeatable")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: recall@K table")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (path or s3://)")

@@ -117,13 +117,15 @@ def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: in
 class _Progress:
     """Rank 0's console lines and TensorBoard scalars."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, tb_url: str | None):
+    def __init__(self, cfg: Config, rank: int, world_size: int, tb_url: str | None,
+                 resumed_at: int = 0):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.writer = None
         if rank == 0 and tb_url:
             from composeae.tblog import open_writer
 
-            self.writer = open_writer(tb_url)
+            # A resumed run hides the interrupted attempt's events from its resume step on.
+            self.writer = open_writer(tb_url, purge_step=resumed_at or None)
         self.window_start = time.perf_counter()
         self.window_samples = self.window_steps = 0
         self.window_sums: dict[str, torch.Tensor] = {}
@@ -229,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     stream = TrainStream(cfg.data, cfg.train.batch_size, rank=rank, world_size=world_size,
                          seed=cfg.train.seed)
     has_val = has_split(cfg.data, cfg.eval.val_split)
-    progress = _Progress(cfg, rank, world_size, config.get("tensorboard_url"))
+    progress = _Progress(cfg, rank, world_size, config.get("tensorboard_url"), state.step)
 
     def snapshot(model_state: dict, best: dict | None) -> dict:
         """The checkpoint dict: weights, optimizer, schedule, progress (and best weights)."""
@@ -287,7 +289,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final = {"step": state.step, "samples_seen": state.samples_seen, "best_step": state.best_step,
              "resumes": state.resumes,
              "score": state.best_score, "final": True} | {f"test/{k}": v for k, v in test.items()}
-    progress.scalars(state.step, {k: v for k, v in final.items() if "/" in k})
+    # The validation recall of these weights too, so a scheduler or searcher watching `val/...`
+    # sees it in the final result as in every other.
+    best_row = next((h for h in state.history if h["step"] == state.best_step and "score" in h), {})
+    final |= {k: v for k, v in best_row.items() if k.startswith("val/")}
+    progress.scalars(state.step, {k: v for k, v in final.items() if k.startswith("test/")})
     progress.close()
     state.finished = True
     _report(final, snapshot(final_weights, None) if rank == 0 else None, rank, FINAL_CHECKPOINT)

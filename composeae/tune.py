@@ -1,0 +1,183 @@
+"""The Ray Tune driver: `composeae tune --config SWEEP.yaml`.
+
+Each trial is a Tune function trainable that acts as a Ray Train driver: it builds the trial's
+experiment config from the sweep (`composeae.sweep`), builds a `TorchTrainer` through the same
+seams as `composeae train` (`composeae.driver`) with Tune's `TuneReportCallback`, and fits it.
+So a trial reports once per evaluation (ASHA's `training_iteration` counts evaluations) and once
+more at its end with its test recall. The data and the tokenizer are prepared once per sweep,
+never per trial, so trials never race to build shards.
+
+Layout of a sweep at `<storage>/<name>/`:
+
+    <trial dirs>/          Tune's own (result.json, progress.csv, events of Ray's TBX logger)
+    runs/<name>-<trial>/   each trial's Train run (checkpoints, metrics.json, report, events)
+    hparams/               one TensorBoard HParams entry per finished trial
+    summary.{csv,md,html}  the sweep's page, rewritten while the search runs
+    best.yaml              the best trial as an experiment config for `composeae train`
+    best.json              the best trial: id, parameters, validation and test recall
+
+A Train run is named from its trial id, so a restarted trial resumes its run. Running the same
+sweep again (same name and storage) restores it with `Tuner.restore`: finished trials are kept,
+unfinished ones resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from composeae.config import Config, replace
+from composeae.driver import PreparedRun
+from composeae.sweep import Sweep
+
+
+def _trial_run_storage(sweep: Sweep) -> str:
+    from composeae.data import storage
+
+    return storage.join(sweep.experiment_url, "runs")
+
+
+def trial_config(sweep: Sweep, params: dict[str, Any], trial_id: str) -> Config:
+    """The experiment config of trial `trial_id`: its Train run lives under the sweep."""
+    cfg = sweep.trial_config(params, name=sweep.trial_run_name(trial_id))
+    return replace(cfg, train={"storage": _trial_run_storage(sweep)})
+
+
+def _trial(params: dict[str, Any], sweep: Sweep, prepared: PreparedRun) -> None:
+    """One trial: a Train driver reporting to Tune through `TuneReportCallback`."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from composeae.data import storage
+    from composeae.driver import build_trainer, finish_run
+    from composeae.tblog import write_hparams
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(sweep, params, trial_id)
+    result = build_trainer(prepared, cfg, callbacks=[TuneReportCallback()]).fit()
+    summary = finish_run(prepared, cfg, result)
+    metrics = {k: v for k, v in summary.metrics.items()
+               if isinstance(v, (int, float)) and ("/" in k or k == "step")}
+    write_hparams(storage.join(sweep.experiment_url, "hparams"), params, metrics,
+                  run_name=trial_id)
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """The outcome of a sweep, written as `best.json` and `best.yaml` in the sweep directory."""
+    url: str
+    trials: int
+    finished: int
+    stopped_early: int
+    errored: int
+    best_trial: str
+    best_params: dict[str, Any]
+    best_val: dict[str, float]
+    """The best trial's validation recall (of the weights its checkpoint keeps)."""
+    best_test: dict[str, float]
+    """Those weights scored on the test split (never used to choose)."""
+    best_checkpoint: str
+    best_yaml: str
+
+
+def _prepare(sweep: Sweep) -> PreparedRun:
+    from composeae.driver import prepare_run
+
+    return prepare_run(sweep.base_config())
+
+
+def run_sweep(sweep: Sweep) -> SweepSummary:
+    """Run (or resume) the sweep on Ray and score its best trial on the test split."""
+    import ray
+    from ray import tune
+
+    from composeae.driver import check_local_paths_on_nodes, init_ray
+    from composeae.nodefiles import check_node_files
+    from composeae.sweep_page import SweepPageCallback
+
+    sweep = sweep.absolute()
+    prepared = _prepare(sweep)
+    init_ray(prepared.cfg)
+    check_node_files(prepared.cfg)
+    check_local_paths_on_nodes({"data.url": prepared.cfg.data.url})
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, prepared=prepared),
+                                    sweep.trial_resources())
+    url = sweep.experiment_url
+    if tune.Tuner.can_restore(url):
+        tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
+    else:
+        page = SweepPageCallback(url, sweep.page_spec())
+        tuner = tune.Tuner(
+            trainable, param_space=sweep.param_space(),
+            tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage,
+                                      callbacks=[page], failure_config=sweep.failure_config()))
+    grid = tuner.fit()
+    return _summarise(sweep, prepared, grid)
+
+
+def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
+    from composeae.data import storage
+    from composeae.evaluate import evaluate_checkpoint
+    from composeae.sweep import best_config_yaml
+    from composeae.train import checkpoint_dir_name
+
+    results = [r for r in grid if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe]
+    if not results:
+        raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
+    sign = 1 if sweep.mode == "max" else -1
+
+    def best_row(result):
+        frame = result.metrics_dataframe.dropna(subset=[sweep.metric])
+        return frame.loc[(sign * frame[sweep.metric]).idxmax()]
+
+    best = max(results, key=lambda r: sign * best_row(r)[sweep.metric])
+    row = best_row(best)
+    trial_id = best.metrics["trial_id"]
+    params = {k: _plain(best.config[k]) for k in sweep.space}
+    cfg = trial_config(sweep, params, trial_id)
+    final = bool(best.metrics.get("final"))
+    # The best weights of the trial: its `final` checkpoint when it ran to the end, else the
+    # checkpoint of its best evaluation (ASHA stopped it later).
+    from composeae.driver import run_url
+
+    name = "final" if final else checkpoint_dir_name(int(row["step"]))
+    checkpoint = storage.join(run_url(cfg), name)
+    if final:
+        test = {k: float(v) for k, v in best.metrics.items() if k.startswith("test/")}
+    else:
+        test = evaluate_checkpoint(checkpoint, prepared.cfg.data.url,
+                                   split=cfg.eval.test_split, num_workers=cfg.ray.num_workers)
+        test = {f"test/{k.split('/', 1)[1]}": v for k, v in test.items()}
+    val = {k: float(row[k]) for k in row.index if k.startswith("val/") and _finite(row[k])}
+
+    statuses = [_status(r, sweep) for r in grid]
+    best_yaml = storage.join(sweep.experiment_url, "best.yaml")
+    storage.write_text(best_yaml, best_config_yaml(sweep, params, trial_id=trial_id,
+                                                   metrics={sweep.metric: val[sweep.metric]}))
+    summary = SweepSummary(
+        url=sweep.experiment_url, trials=len(statuses), finished=statuses.count("finished"),
+        stopped_early=statuses.count("stopped"), errored=statuses.count("error"),
+        best_trial=trial_id, best_params=params, best_val=val, best_test=test,
+        best_checkpoint=checkpoint, best_yaml=best_yaml)
+    storage.write_text(storage.join(sweep.experiment_url, "best.json"),
+                       json.dumps(summary.__dict__, indent=2, default=str) + "\n")
+    return summary
+
+
+def _status(result, sweep: Sweep) -> str:
+    if result.error is not None:
+        return "error"
+    return "finished" if (result.metrics or {}).get("final") else "stopped"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _plain(value: Any) -> Any:
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
