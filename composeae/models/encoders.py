@@ -1,15 +1,15 @@
 """Image and text encoders shared by every model.
 
-Image: torchvision ResNet-18/50 (weights from a local state-dict file, never downloaded) or a small
+Image: torchvision ResNet-18/50 (weights from a state-dict file, never from a model hub) or a small
 CNN for 64 px synthetic scenes; each ends in a linear layer to `image_dim`.
 Text: an LSTM over the corpus vocabulary (TIRG's text model), or BERT through `transformers`,
-loaded from a local pretrained directory or built from a small config for a scratch WordPiece
+loaded from a pretrained directory or built from a small config for a scratch WordPiece
 vocabulary. Either can be frozen.
+The weights file and the BERT directory are local paths or `s3://` URLs, opened through
+`composeae.nodefiles.resolve_local` (a node-local cache for S3).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,14 +48,15 @@ def _resnet(name: str, weights_path: str | None) -> tuple[nn.Module, int]:
 
     net = getattr(torchvision.models, name)(weights=None)
     if weights_path:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise UserError(f"model.image_weights: file {path} does not exist")
+        from composeae.nodefiles import resolve_local
+
+        path = resolve_local(weights_path, "model.image_weights")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("fc.")]:
-            raise UserError(f"model.image_weights: {path} is not a torchvision {name} state dict")
+            raise UserError(f"model.image_weights: {weights_path} is not a torchvision {name} "
+                            f"state dict")
     width = net.fc.in_features
     net.fc = nn.Identity()
     return net, width
@@ -115,9 +116,12 @@ class BertTextEncoder(nn.Module):
         from transformers import BertConfig, BertModel
 
         if cfg.bert_path:
-            if not Path(cfg.bert_path).is_dir():
-                raise UserError(f"model.bert_path: directory {cfg.bert_path} does not exist")
-            self.bert = BertModel.from_pretrained(cfg.bert_path, add_pooling_layer=False)
+            from composeae.nodefiles import resolve_local
+
+            path = resolve_local(cfg.bert_path, "model.bert_path")
+            # local_files_only: a path must never turn into a model hub download.
+            self.bert = BertModel.from_pretrained(path, add_pooling_layer=False,
+                                                  local_files_only=True)
         else:
             self.bert = BertModel(BertConfig(
                 vocab_size=vocab_size, hidden_size=cfg.bert_hidden,

@@ -3,7 +3,8 @@
 Two kinds, both built from the training corpus so nothing is downloaded:
 - `WordTokenizer`: lower-cased words, for the LSTM encoder (TIRG's vocabulary).
 - `WordPieceTokenizer`: a `tokenizers` WordPiece model, for BERT. Trained on the corpus for a
-  scratch BERT, or taken from a local pretrained directory (`save_pretrained` layout).
+  scratch BERT, or taken from a pretrained directory (`save_pretrained` layout), local or
+  `s3://` (fetched through `composeae.nodefiles.resolve_local`).
 
 `state()` returns plain strings and lists, so checkpoints stay loadable with
 `torch.load(weights_only=True)`; `tokenizer_from_state` rebuilds the same tokenizer.
@@ -87,10 +88,17 @@ class WordPieceTokenizer:
         return cls(wp._tokenizer.to_str())
 
     @classmethod
-    def from_pretrained_dir(cls, path: str) -> "WordPieceTokenizer":
+    def from_pretrained_dir(cls, path: str, key: str = "model.bert_path") -> "WordPieceTokenizer":
+        """The tokenizer of a `save_pretrained` directory: a local path or an `s3://` prefix;
+        `key` is the config key that names it in errors."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(path).backend_tokenizer.to_str())
+        from composeae.nodefiles import resolve_local
+
+        local = resolve_local(path, key)
+        # local_files_only: a path must never turn into a model hub download.
+        tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+        return cls(tokenizer.backend_tokenizer.to_str())
 
     def encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [e.ids[:max_len] for e in self.tokenizer.encode_batch(list(texts))]
@@ -112,7 +120,7 @@ def tokenizer_from_state(state: dict) -> TextTokenizer:
 
 def build_tokenizer(text_encoder: str, corpus: Iterable[str], *, bert_path: str | None = None,
                     vocab_size: int = 2000) -> TextTokenizer:
-    """The tokenizer a text encoder needs, built from the training corpus or a local directory."""
+    """The tokenizer a text encoder needs, built from the training corpus or `bert_path`."""
     if text_encoder == "lstm":
         return WordTokenizer.from_corpus(corpus)
     if bert_path:
