@@ -1,0 +1,776 @@
+"""Sweep files: what `composeae tune --config SWEEP.yaml [--set ...]` searches, and how.
+
+A sweep file names an experiment config (the *base*), fixes some of its keys for every trial,
+and gives a search space over others, keyed by the same `section.key` names as `--set`:
+
+```yaml
+base: ../tiny.yaml            # experiment config; a relative path is relative to this file
+name: tiny-sweep              # optional; default: this file's name without .yaml
+set:                          # fixed overrides applied to the base for every trial
+  train.steps: 8              # (a mapping, or a list of "section.key=value" strings)
+  train.eval_every: 2
+search:                       # one distribution per key
+  model.name: {grid: [composeae, tirg]}
+  loss.w_img_rec: {loguniform: [0.01, 1]}
+  model.embed_dim: {choice: [128, 256, 512]}
+num_samples: 2                # random draws; with `grid` keys, draws per grid point
+metric: val/R@1               # what selects trials; must be a val/... metric
+mode: max
+scheduler:                    # or just `asha` / `none`
+  name: asha
+  grace_period: 1
+  reduction_factor: 2
+  max_t: null                 # null: the number of evaluations of a trial (see below)
+searcher: random              # or optuna
+seed: 0                       # searcher seed: the same seed draws the same trials
+max_concurrent_trials: null   # null: as many as the cluster's resources hold
+trial_cpus: 1                 # CPUs reserved by each trial's driver (fractions allowed)
+max_failures: 1               # Tune retries of a failed trial
+storage: null                 # null: the base config's train.storage (after `set`)
+```
+
+Top-level keys (only these; anything else is an error):
+
+- `base` (required): the experiment YAML every trial starts from, read by `load_config`, so
+  `ray.profile` and every rule of the config tree apply as for `composeae train`.
+- `name`: the sweep's name; Tune's experiment lives at `<storage>/<name>` (submitting the same
+  sweep again resumes it) and the Train run of trial T is named `<name>-<T>`.
+- `set`: fixed `section.key` values applied after the base file, for every trial.
+- `search`: the search space. Each value is a one-key mapping naming a distribution:
+
+  - `{choice: [a, b, ...]}`: one of the values, uniformly at random (`tune.choice`);
+  - `{grid: [a, b, ...]}`: every value, each crossed with `num_samples` draws of the other keys
+    (`tune.grid_search`);
+  - `{uniform: [low, high]}`: a float in [low, high) (`tune.uniform`);
+  - `{loguniform: [low, high]}`: a float in [low, high), log-uniform, low > 0
+    (`tune.loguniform`);
+  - `{randint: [low, high]}`: an integer in [low, high], **both ends included**
+    (`tune.randint(low, high + 1)`: Ray's upper bound is exclusive).
+
+  Ranges need numbers with low < high. `1e-4` is read as a number here (plain YAML 1.1 would
+  read a string). `ray.*` keys (the resources a trial reserves), `train.name` and
+  `train.storage` cannot be searched; a key cannot be both fixed in `set` and searched.
+- `num_samples` (default 1): number of random draws; the sweep runs
+  `num_samples x (product of the grid sizes)` trials.
+- `metric` (default `val/R@1`), `mode` (default `max`): how trials are compared, by the ASHA
+  scheduler and when the best trial is chosen. Only validation metrics (`val/...`, reported at
+  every evaluation) are allowed: selecting on `test/...` would leak the test split into the model
+  choice. `val/R@K` needs K in the config's `eval.ks`.
+- `scheduler` (default `asha`): `asha` stops poor trials early (asynchronous successive halving);
+  `none` runs every trial to the end. ASHA counts time in *reports*: a trial reports once per
+  evaluation (every `train.eval_every` steps, and at the last step), so its evaluations number
+  `ceil(train.steps / train.eval_every)`, then once more at its end with its test recall (and
+  the validation recall of its best evaluation, so every report carries `metric`). ASHA
+  compares trials at its rungs, `grace_period x reduction_factor^k` reports up to `max_t`, and
+  stops a trial that falls below the best `1 / reduction_factor` of those recorded at a rung
+  before it. `grace_period` (default 1) and `max_t` (default: the number of evaluations) are in
+  reports, with `grace_period <= max_t <= evaluations`: rungs sit on evaluations, never on the
+  final report, and a trial that passes the last rung is not stopped, so it always finishes
+  (test recall, checkpoint, run files). `reduction_factor` defaults to 2. ASHA compares trials at
+  equal numbers of evaluations, so it refuses a search over `train.steps` or `train.eval_every`
+  (use `scheduler: none` for that).
+- `searcher` (default `random`): `random` is Tune's BasicVariantGenerator; `optuna` is Optuna's
+  TPE through Ray's OptunaSearch and needs the optional extra (`pip install 'composeae[optuna]'`);
+  Optuna samples, so it takes no `grid`.
+- `seed` (default 0; null for an unseeded search): the searcher's random seed.
+- `max_concurrent_trials` (default null): a cap on trials running at once; unset, the driver
+  fits as many as the cluster's CPUs and GPUs hold (`Sweep.concurrency`).
+- `trial_cpus` (default 1): CPUs reserved by each trial's driver process, which only builds the
+  Train run and waits on it; the Train workers reserve their own (`ray.cpus_per_worker`). A
+  fraction such as 0.1 lets a small sweep run on a laptop.
+- `max_failures` (default 1): how many times Tune restarts a failed trial (its Train run then
+  resumes from its last checkpoint). Worker failures inside a trial are `ray.max_failures`.
+- `storage` (default: the base config's `train.storage`): where the sweep and its trials' Train
+  runs are written, a local directory or `s3://bucket/prefix`.
+
+`--set` on the command line of `composeae tune`: a key `section.key` of the config tree (`model`,
+`optim`, ...) is a fixed override of the base config, applied after the file's `set`; when that key
+is searched, it is pinned to the value and leaves the search space (`--set model.name=tirg` sweeps
+TIRG only). `search.section.key={...}` adds or replaces a distribution. Any other key is a
+top-level sweep key (`--set num_samples=8`, `--set scheduler=none`, `--set searcher=optuna`,
+`--set scheduler.grace_period=2`); `--set base=PATH` is relative to the current directory.
+
+Every check runs when the file is loaded, before Ray starts, and a problem is one `UserError`
+line naming the key (`search.model.name: ...`). Each searched value (each choice, both ends of a
+range) is applied on top of the base config and `set`, through the same `load_config` that
+`composeae train` uses, so a value that training would refuse is refused here; combinations of
+searched values are checked when a trial builds its config.
+
+The Tune driver uses the loaded `Sweep`: `param_space()` for the Tuner, `tune_config()` for
+metric, mode, scheduler, searcher and concurrency, `trial_resources()` for `tune.with_resources`,
+`failure_config()` for Tune's run config, and, inside each trial, `trial_config(params, name=...)`
+for the trial's experiment config. `best_config_yaml(sweep, params)` writes the chosen trial as an
+experiment YAML that `composeae train --config` trains again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from composeae.config import Config, config_to_dict, dump_config, load_config
+from composeae.errors import UserError
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+"""Distribution names a `search` entry may use."""
+
+SCHEDULERS = ("asha", "none")
+SEARCHERS = ("random", "optuna")
+DEFAULT_METRIC = "val/R@1"
+UNSEARCHABLE = ("train.name", "train.storage")
+"""Keys that say where a trial runs, not what it learns (and every `ray.*` key)."""
+
+_TOP_KEYS = ("base", "name", "set", "search", "num_samples", "metric", "mode", "scheduler",
+             "searcher", "seed", "max_concurrent_trials", "trial_cpus", "max_failures", "storage")
+_SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor", "max_t")
+_CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: `1e-4` is a number, not the string '1e-4'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _parse(text: str) -> Any:
+    """A YAML value as written on the command line (`1e-3` a float, `none` a string)."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def _yaml_value(value: Any) -> str:
+    """`value` as YAML text that config.py's `yaml.safe_load` reads back as `value`."""
+    value = _plain(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip()
+    return text.removesuffix("...").strip()
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars (what some samplers return) as Python numbers, tuples as lists."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict, str)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One searched key's distribution: `kind` in DISTRIBUTIONS; `args` the values (choice, grid)
+    or `(low, high)` (uniform, loguniform: high exclusive; randint: high inclusive)."""
+    kind: str
+    args: tuple
+
+    def to_tune(self) -> Any:
+        """The Ray Tune domain (or grid_search spec) for `Tuner(param_space=...)`."""
+        from ray import tune
+
+        values = [_plain(v) for v in self.args]
+        if self.kind == "choice":
+            return tune.choice(values)
+        if self.kind == "grid":
+            return tune.grid_search(values)
+        low, high = values
+        if self.kind == "uniform":
+            return tune.uniform(low, high)
+        if self.kind == "loguniform":
+            return tune.loguniform(low, high)
+        return tune.randint(low, high + 1)  # Ray's upper bound is exclusive
+
+    def to_yaml(self) -> dict[str, list]:
+        return {self.kind: [_plain(v) for v in self.args]}
+
+    def candidates(self) -> tuple:
+        """Values checked against the config: every choice, or both ends of a range."""
+        return self.args
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(_yaml_value(v) for v in self.args)})"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file with its `--set` overrides applied; see the module docstring."""
+    name: str
+    base_path: Path
+    """The experiment config every trial starts from (absolute)."""
+    fixed: tuple[tuple[str, Any], ...]
+    """`set` entries, `(section.key, value)`, the file's then the command line's."""
+    search: tuple[tuple[str, Dist], ...]
+    """Searched keys and their distributions, in file order (`space` as a dict)."""
+    num_samples: int
+    metric: str
+    mode: str
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    max_t: int
+    """ASHA's last rung is at or below this many reports (at most `evaluations`)."""
+    evaluations: int
+    """Evaluations a trial makes, ceil(train.steps / train.eval_every) (the most any trial
+    makes when either is searched, which only `scheduler: none` allows)."""
+    searcher: str
+    seed: int | None
+    max_concurrent_trials: int | None
+    trial_cpus: float
+    max_failures: int
+    storage: str
+    path: Path | None = field(default=None, compare=False)
+    """The sweep file this came from."""
+
+    # ----- what the sweep is
+
+    @property
+    def space(self) -> dict[str, Dist]:
+        return dict(self.search)
+
+    @property
+    def base_overrides(self) -> list[str]:
+        """The `set` entries as `section.key=value` overrides for `load_config`."""
+        return [f"{k}={_yaml_value(v)}" for k, v in self.fixed]
+
+    @property
+    def num_trials(self) -> int:
+        grid = math.prod(len(d.args) for _, d in self.search if d.kind == "grid")
+        return self.num_samples * grid
+
+    @property
+    def experiment_url(self) -> str:
+        """Where Tune keeps the sweep: `<storage>/<name>`."""
+        return _join(self.storage, self.name)
+
+    def base_config(self) -> Config:
+        """The base config with `set` applied (searched keys at their base values)."""
+        return _checked_config(self.base_path, self.base_overrides + self._storage_override(),
+                               check_model="model.name" not in self.space)
+
+    def trial_run_name(self, trial_id: str) -> str:
+        """The Train run name of trial `trial_id` (deterministic, so a restarted trial resumes)."""
+        return f"{self.name}-{trial_id}"
+
+    def trial_config(self, params: Mapping[str, Any], *, name: str | None = None) -> Config:
+        """The experiment config of one trial: the base file, `set`, then `params` (one value per
+        searched key, as Tune passes them), applied through `load_config`; `train.storage` is the
+        sweep's storage and `train.name` is `name` when given (see `trial_run_name`)."""
+        missing = [k for k, _ in self.search if k not in params]
+        extra = [k for k in params if k not in self.space]
+        if missing or extra:
+            raise ValueError(f"trial parameters must be exactly the searched keys; "
+                             f"missing {missing}, unknown {extra}")
+        overrides = self.base_overrides + [f"{k}={_yaml_value(params[k])}" for k, _ in self.search]
+        overrides += self._storage_override()
+        if name is not None:
+            overrides.append(f"train.name={_yaml_value(name)}")
+        return _checked_config(self.base_path, overrides)
+
+    def _storage_override(self) -> list[str]:
+        return [f"train.storage={_yaml_value(self.storage)}"]
+
+    def absolute(self) -> Sweep:
+        """The sweep with local paths (storage, data.url, model weight files) made absolute, as
+        the driver needs before trials start: Tune runs each trial in its own directory."""
+        cfg = self.base_config()
+        paths = {"data.url": cfg.data.url, "model.image_weights": cfg.model.image_weights,
+                 "model.bert_path": cfg.model.bert_path}
+        fixed = dict(self.fixed)
+        for key, value in paths.items():
+            if value is not None and key not in self.space and absolute_url(value) != value:
+                fixed[key] = absolute_url(value)
+        return dataclasses.replace(self, fixed=tuple(fixed.items()),
+                                   storage=absolute_url(self.storage))
+
+    # ----- Ray Tune objects (Ray is imported only here)
+
+    def param_space(self) -> dict[str, Any]:
+        """`Tuner(param_space=...)`: searched `section.key` -> Ray Tune domain."""
+        return {key: dist.to_tune() for key, dist in self.search}
+
+    def make_scheduler(self) -> Any:
+        """ASHA on `training_iteration` (one per report), or None (Tune's FIFO) for `none`. It
+        takes metric and mode from `tune_config()`: Tune refuses them in both places. A trial
+        that passes the last rung is never stopped (`stop_last_trials=False`): stopping it at
+        `max_t` would kill it before its final report and the work after it."""
+        if self.scheduler == "none":
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="training_iteration", max_t=self.max_t,
+                             grace_period=self.grace_period,
+                             reduction_factor=self.reduction_factor, stop_last_trials=False)
+
+    def make_searcher(self, max_concurrent: int | None = None) -> Any:
+        """The seeded search algorithm, limited to `max_concurrent` running trials when given
+        (Tune ignores TuneConfig's limit for a BasicVariantGenerator passed in, so the limit is
+        applied here)."""
+        if self.searcher == "optuna":
+            _require_optuna()
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(seed=self.seed)
+            return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=self.seed, max_concurrent=max_concurrent or 0)
+
+    def tune_config(self, max_concurrent: int | None = None) -> Any:
+        """`ray.tune.TuneConfig` with metric, mode, num_samples, scheduler and searcher. The
+        concurrency is `max_concurrent` if given, else the file's `max_concurrent_trials`, else
+        unlimited (pass `concurrency(ray.cluster_resources())`)."""
+        from ray import tune
+
+        limit = max_concurrent or self.max_concurrent_trials
+        return tune.TuneConfig(metric=self.metric, mode=self.mode, num_samples=self.num_samples,
+                               scheduler=self.make_scheduler(),
+                               search_alg=self.make_searcher(limit))
+
+    def failure_config(self) -> Any:
+        """`ray.tune.FailureConfig` for the Tuner's `ray.tune.RunConfig`."""
+        from ray import tune
+
+        return tune.FailureConfig(max_failures=self.max_failures)
+
+    def trial_resources(self) -> dict[str, float]:
+        """What each trial's driver reserves: `tune.with_resources(trainable, ...)`."""
+        return {"CPU": self.trial_cpus}
+
+    def concurrency(self, cluster: Mapping[str, float]) -> int:
+        """Trials that fit at once in `cluster` (e.g. `ray.cluster_resources()`): each reserves
+        `trial_cpus` plus its Train workers' CPUs (and GPUs), capped by `max_concurrent_trials`
+        and the number of trials; at least 1."""
+        ray_cfg = self.base_config().ray
+        need = {"CPU": self.trial_cpus + ray_cfg.num_workers * ray_cfg.cpus_per_worker}
+        if ray_cfg.use_gpu:
+            need["GPU"] = float(ray_cfg.num_workers)
+        fits = min(int(cluster.get(res, 0.0) / amount + 1e-9) for res, amount in need.items())
+        caps = [self.num_trials] + ([self.max_concurrent_trials]
+                                    if self.max_concurrent_trials else [])
+        return max(1, min([fits] + caps))
+
+    def preview(self) -> list[dict[str, Any]]:
+        """The trials' parameters as the random searcher will draw them, in order (for a dry
+        run, and to check that the seed reproduces a sweep). Needs no running Ray."""
+        from ray.tune.experiment import Experiment
+        from ray.tune.search import BasicVariantGenerator
+
+        def _noop(config):  # stands in for the trainable; never run
+            return None
+
+        generator = BasicVariantGenerator(random_state=self.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            generator.add_configurations([Experiment(self.name, _noop, config=self.param_space(),
+                                                     num_samples=self.num_samples,
+                                                     storage_path=tmp)])
+            trials = []
+            while (trial := generator.next_trial()) is not None:
+                trials.append({k: _plain(v) for k, v in trial.config.items()})
+        return trials
+
+    def page_spec(self) -> Any:
+        """What the sweep's page (`composeae.sweep_page`) shows: the searched keys, the metric
+        that ranks trials, R@10 beside it when evaluated, and a finished trial's step count."""
+        from composeae.sweep_page import SweepSpec
+
+        cfg = self.base_config()
+        extra = tuple(f"val/R@{k}" for k in (10,) if k in cfg.eval.ks)
+        steps = None if "train.steps" in self.space else cfg.train.steps
+        return SweepSpec(params=tuple(self.space), metric=self.metric, mode=self.mode,
+                         extra_metrics=extra, planned_steps=steps,
+                         title=f"composeae sweep {self.name}")
+
+    # ----- text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved sweep as a sweep file's contents (defaults filled in, base absolute)."""
+        return {
+            "base": str(self.base_path), "name": self.name,
+            "set": {k: _plain(v) for k, v in self.fixed},
+            "search": {k: d.to_yaml() for k, d in self.search},
+            "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
+            "scheduler": {"name": self.scheduler, "grace_period": self.grace_period,
+                          "reduction_factor": self.reduction_factor, "max_t": self.max_t},
+            "searcher": self.searcher, "seed": self.seed,
+            "max_concurrent_trials": self.max_concurrent_trials, "trial_cpus": self.trial_cpus,
+            "max_failures": self.max_failures, "storage": self.storage,
+        }
+
+    def to_yaml(self) -> str:
+        """The resolved sweep file (what `load_sweep` reads back as an equal `Sweep`)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def describe(self) -> str:
+        """A few lines for people: trials, fixed and searched keys, selection, storage."""
+        lines = [f"sweep {self.name}: {self.num_trials} trial(s) of {self.base_path.name}"]
+        if self.fixed:
+            lines.append("  set:    " + ", ".join(f"{k}={_yaml_value(v)}" for k, v in self.fixed))
+        for i, (key, dist) in enumerate(self.search):
+            lines.append(("  search: " if i == 0 else " " * 10) + f"{key} ~ {dist}")
+        sched = (f"asha (grace_period {self.grace_period}, reduction_factor "
+                 f"{self.reduction_factor:g}, max_t {self.max_t} of {self.evaluations} evaluations)"
+                 if self.scheduler == "asha" else "none")
+        seed = "unseeded" if self.seed is None else f"seed {self.seed}"
+        lines.append(f"  select: {self.mode} {self.metric}; scheduler {sched}; "
+                     f"searcher {self.searcher} ({seed})")
+        lines.append(f"  at:     {self.experiment_url}")
+        return "\n".join(lines)
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute; `s3://` URLs unchanged."""
+    return url if url.startswith("s3://") else str(Path(url).resolve())
+
+
+def _join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+def _require_optuna() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise UserError("searcher optuna needs the optuna package: "
+                        "pip install 'composeae[optuna]'")
+
+
+def _checked_config(base: Path, overrides: list[str], check_model: bool = True) -> Config:
+    """`load_config` plus the model-name check that the registry makes when a model is built."""
+    cfg = load_config(base, overrides)
+    if not check_model:
+        return cfg
+    from composeae.registry import list_models  # late: importing the models imports torch
+
+    if cfg.model.name not in list_models():
+        raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "
+                        f"registered: {', '.join(list_models())}")
+    return cfg
+
+
+# ----- loading and validation
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
+    """Read and validate a sweep file, with `--set` overrides (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep file {path} must be a mapping of sweep keys")
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise UserError(f"unknown sweep key {key!r} in {path}; known: {', '.join(_TOP_KEYS)}")
+    if "base" not in raw:
+        raise UserError(f"sweep key base is missing in {path}: name the experiment config")
+    fixed = _read_set(raw.get("set"))
+    search_raw = raw.get("search") or {}
+    if not isinstance(search_raw, dict):
+        raise UserError(f"sweep key search must be a mapping of section.key: "
+                        f"{{distribution: [...]}}, got {search_raw!r}")
+    search_raw = dict(search_raw)
+    scheduler = raw.get("scheduler", "asha")
+    scheduler = dict(scheduler) if isinstance(scheduler, dict) else {"name": scheduler}
+    base = Path(path.parent, str(raw["base"])) if isinstance(raw["base"], str) else raw["base"]
+
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key=value")
+        key, text = (s.strip() for s in item.split("=", 1))
+        value = _parse(text)
+        parts = key.split(".")
+        if parts[0] in _CONFIG_SECTIONS:
+            fixed[key] = value  # pins a searched key
+            search_raw.pop(key, None)
+        elif parts[0] == "search" and len(parts) > 1:
+            search_raw[".".join(parts[1:])] = value
+        elif parts[0] == "scheduler" and len(parts) == 2:
+            scheduler[parts[1]] = value
+        elif key == "scheduler":
+            scheduler["name"] = value
+        elif key == "base":
+            base = Path(value) if isinstance(value, str) else value
+        elif key in _TOP_KEYS and key not in ("set", "search"):
+            raw[key] = value
+        else:
+            raise UserError(f"override key {key!r} is neither a sweep key ({', '.join(_TOP_KEYS)})"
+                            f" nor a config key section.key")
+    for key in search_raw:
+        if key in fixed:
+            raise UserError(f"search.{key}: the key is also fixed in set; "
+                            f"keep it in one of them")
+    return _build(path, raw, base, fixed, search_raw, scheduler)
+
+
+def _read_set(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list):
+        items = []
+        for entry in raw:
+            if not isinstance(entry, str) or "=" not in entry:
+                raise UserError(f"set entry {entry!r} must look like section.key=value")
+            key, text = entry.split("=", 1)
+            items.append((key.strip(), _parse(text)))
+    else:
+        raise UserError(f"sweep key set must be a mapping or a list of section.key=value, "
+                        f"got {raw!r}")
+    fixed: dict[str, Any] = {}
+    for key, value in items:
+        if not isinstance(key, str) or key.split(".")[0] not in _CONFIG_SECTIONS:
+            raise UserError(f"set.{key}: not a config key section.key "
+                            f"(sections: {', '.join(_CONFIG_SECTIONS)})")
+        fixed[key] = value
+    return fixed
+
+
+def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: dict,
+           scheduler: dict) -> Sweep:
+    if not isinstance(base, Path):
+        raise UserError(f"sweep key base must be a path to an experiment config, got {base!r}")
+    base = base.resolve()
+
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise UserError(f"sweep key name must be a non-empty name without '/', got {name!r}")
+
+    # The base and `set`, checked as `composeae train` would.
+    try:
+        load_config(base)
+    except UserError as exc:
+        raise UserError(f"base: {exc}") from None
+    set_overrides = [f"{k}={_yaml_value(v)}" for k, v in fixed.items()]
+    try:
+        base_cfg = _checked_config(base, set_overrides,
+                                   check_model="model.name" not in search_raw)
+    except UserError as exc:
+        named = [k for k in fixed if k in str(exc)]
+        raise UserError(f"set.{named[0]}: {exc}" if named else f"set: {exc}") from None
+
+    search = tuple((key, _check_dist(key, spec, base, set_overrides))
+                   for key, spec in search_raw.items())
+    space = dict(search)
+
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise UserError(f"sweep key num_samples must be an integer >= 1, got {num_samples!r}")
+
+    metric = raw.get("metric", DEFAULT_METRIC)
+    _check_metric(metric, base_cfg, space)
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise UserError(f"sweep key mode must be max or min, got {mode!r}")
+
+    searcher = raw.get("searcher", "random")
+    if searcher not in SEARCHERS:
+        raise UserError(f"sweep key searcher must be one of {list(SEARCHERS)}, got {searcher!r}")
+    if searcher == "optuna":
+        grids = [k for k, d in search if d.kind == "grid"]
+        if grids:
+            raise UserError(f"search.{grids[0]}: searcher optuna samples and takes no grid; "
+                            f"use choice (or searcher random)")
+        _require_optuna()
+    seed = raw.get("seed", 0)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise UserError(f"sweep key seed must be an integer >= 0 or null, got {seed!r}")
+
+    evaluations = _max_evaluations(base_cfg, space)
+    sched = _check_scheduler(scheduler, evaluations)
+    budget = [k for k in ("train.steps", "train.eval_every") if k in space]
+    if sched["scheduler"] == "asha" and budget:
+        raise UserError(f"search.{budget[0]}: ASHA compares trials at equal numbers of "
+                        f"evaluations; searching the budget needs scheduler none")
+
+    max_concurrent = raw.get("max_concurrent_trials")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int)
+                                       or isinstance(max_concurrent, bool) or max_concurrent < 1):
+        raise UserError(f"sweep key max_concurrent_trials must be an integer >= 1 or null, "
+                        f"got {max_concurrent!r}")
+    trial_cpus = raw.get("trial_cpus", 1)
+    if not _is_number(trial_cpus) or not trial_cpus > 0:
+        raise UserError(f"sweep key trial_cpus must be a number > 0 (fractions allowed), "
+                        f"got {trial_cpus!r}")
+    max_failures = raw.get("max_failures", 1)
+    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0:
+        raise UserError(f"sweep key max_failures must be an integer >= 0, got {max_failures!r}")
+    storage = raw.get("storage")
+    if storage is None:
+        storage = base_cfg.train.storage
+    if not isinstance(storage, str) or not storage.strip():
+        raise UserError(f"sweep key storage must be a directory or s3:// URL, got {storage!r}")
+
+    return Sweep(name=name, base_path=base, fixed=tuple(fixed.items()), search=search,
+                 num_samples=num_samples, metric=metric, mode=mode, **sched,
+                 evaluations=evaluations, searcher=searcher, seed=seed,
+                 max_concurrent_trials=max_concurrent, trial_cpus=float(trial_cpus),
+                 max_failures=max_failures, storage=storage, path=path.resolve())
+
+
+def _check_dist(key: Any, spec: Any, base: Path, set_overrides: list[str]) -> Dist:
+    where = f"search.{key}"
+    if not isinstance(key, str):
+        raise UserError(f"{where}: search keys are section.key names")
+    section = key.split(".")[0]
+    if section == "ray" or key in UNSEARCHABLE:
+        raise UserError(f"{where}: cannot be searched (it sets where a trial runs or what it "
+                        f"reserves, not what it learns); fix it in set")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise UserError(f"{where}: expected one distribution, e.g. {{choice: [a, b]}} or "
+                        f"{{loguniform: [low, high]}}, got {spec!r}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(f"{where}: unknown distribution {kind!r}; known: "
+                        f"{', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list):
+        raise UserError(f"{where}: {kind} takes a list, got {args!r}")
+    if kind in ("choice", "grid"):
+        if not args:
+            raise UserError(f"{where}: {kind} needs at least one value")
+    else:
+        if len(args) != 2 or not all(_is_number(a) for a in args):
+            raise UserError(f"{where}: {kind} takes [low, high] numbers, got {args!r}")
+        low, high = args
+        if not low < high:
+            raise UserError(f"{where}: {kind} needs low < high, got [{low}, {high}]")
+        if kind == "loguniform" and not low > 0:
+            raise UserError(f"{where}: loguniform needs low > 0, got {low}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise UserError(f"{where}: randint takes integers [low, high] (both included), "
+                            f"got {args!r}")
+        if kind in ("uniform", "loguniform"):
+            args = [float(a) for a in args]  # what the distribution draws: floats
+    dist = Dist(kind, tuple(args))
+    for value in dist.candidates():
+        try:
+            _checked_config(base, set_overrides + [f"{key}={_yaml_value(value)}"])
+        except UserError as exc:
+            what = "value" if kind in ("choice", "grid") else "bound"
+            raise UserError(f"{where}: {what} {_yaml_value(value)}: {exc}") from None
+    return dist
+
+
+def _check_metric(metric: Any, base_cfg: Config, space: dict[str, Dist]) -> None:
+    if not isinstance(metric, str) or not metric.startswith("val/") or metric == "val/":
+        hint = (" (selecting on the test split would leak it into the model choice)"
+                if isinstance(metric, str) and metric.startswith("test/") else "")
+        raise UserError(f"sweep key metric must be a validation metric val/..., "
+                        f"got {metric!r}{hint}")
+    name = metric.removeprefix("val/")
+    if name.startswith("R@") and name[2:].isdigit() and "eval.ks" not in space:
+        if int(name[2:]) not in base_cfg.eval.ks:
+            raise UserError(f"sweep key metric {metric!r} is never reported: eval.ks is "
+                            f"{list(base_cfg.eval.ks)}")
+
+
+def _candidates_of(key: str, base_value: int, space: dict[str, Dist]) -> list:
+    dist = space.get(key)
+    return list(dist.args) if dist is not None else [base_value]
+
+
+def _max_evaluations(base_cfg: Config, space: dict[str, Dist]) -> int:
+    steps = max(_candidates_of("train.steps", base_cfg.train.steps, space))
+    every = min(_candidates_of("train.eval_every", base_cfg.train.eval_every, space))
+    return math.ceil(steps / every)
+
+
+def _check_scheduler(raw: dict, evaluations: int) -> dict[str, Any]:
+    for key in raw:
+        if key not in _SCHEDULER_KEYS:
+            raise UserError(f"unknown sweep key scheduler.{key}; known: "
+                            f"{', '.join(_SCHEDULER_KEYS)}")
+    name = raw.get("name", "asha")
+    name = "none" if name is None else name
+    if name not in SCHEDULERS:
+        raise UserError(f"sweep key scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
+    grace = raw.get("grace_period", 1)
+    if not isinstance(grace, int) or isinstance(grace, bool) or grace < 1:
+        raise UserError(f"sweep key scheduler.grace_period must be an integer >= 1 (reports), "
+                        f"got {grace!r}")
+    factor = raw.get("reduction_factor", 2)
+    if not _is_number(factor) or not factor > 1:
+        raise UserError(f"sweep key scheduler.reduction_factor must be a number > 1, "
+                        f"got {factor!r}")
+    max_t = raw.get("max_t")
+    if max_t is None:
+        max_t = evaluations
+    if not isinstance(max_t, int) or isinstance(max_t, bool):
+        raise UserError(f"sweep key scheduler.max_t must be an integer (reports) or null, "
+                        f"got {max_t!r}")
+    if name == "asha":
+        if max_t > evaluations:
+            raise UserError(
+                f"sweep key scheduler.max_t={max_t} exceeds the {evaluations} evaluation(s) of "
+                f"a trial: a rung past them would meet the final report; omit it (default "
+                f"{evaluations})")
+        if grace > max_t:
+            raise UserError(
+                f"sweep key scheduler.grace_period={grace} exceeds scheduler.max_t={max_t} "
+                f"(a trial makes {evaluations} evaluation(s)), so ASHA could never stop a "
+                f"trial; lower it, or raise train.steps / lower train.eval_every in set")
+    return {"scheduler": name, "grace_period": grace, "reduction_factor": factor,
+            "max_t": max_t}
+
+
+# ----- the chosen trial as an experiment file
+
+
+def best_config_yaml(sweep: Sweep, params: Mapping[str, Any], *, trial_id: str | None = None,
+                     metrics: Mapping[str, Any] | None = None, name: str | None = None) -> str:
+    """The experiment YAML of a trial (usually the best), ready for `composeae train --config`:
+    the full resolved config (`dump_config`) of `sweep.trial_config(params, name=...)`, with a
+    comment header naming the sweep, the trial, its metric and its searched values. The run is
+    named `name`, by default `<sweep>-best`, so training the file starts a fresh run instead of
+    resuming the trial's own. Loading the file with `load_config` gives that config exactly;
+    where a `ray.profile` would overwrite a value of the file on loading, the header gives the
+    `--set` that keeps it."""
+    run_name = name or f"{sweep.name}-best"
+    cfg = sweep.trial_config(params, name=run_name)
+    body = dump_config(cfg)
+    extra = _reload_overrides(body, cfg)
+    header = [f"# Trial {trial_id or '?'} of sweep {sweep.name} "
+              f"({sweep.path.name if sweep.path else sweep.base_path.name}), "
+              f"base {sweep.base_path.name}."]
+    if metrics is not None and sweep.metric in metrics:
+        header.append(f"# {sweep.metric} = {metrics[sweep.metric]} "
+                      f"(selected by {sweep.mode} {sweep.metric})")
+    header += [f"#   {k} = {_yaml_value(params[k])}" for k, _ in sweep.search]
+    command = "composeae train --config THIS_FILE" + "".join(f" --set {o}" for o in extra)
+    header.append(f"# Train it again as run {run_name!r}: {command}")
+    return "\n".join(header) + "\n" + body
+
+
+def _reload_overrides(text: str, cfg: Config) -> list[str]:
+    """`--set` overrides needed for `load_config` of `text` to give `cfg` (a `ray.profile` is
+    applied over the file's values when it is loaded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "config.yaml")
+        path.write_text(text)
+        again = config_to_dict(load_config(path))
+        want = config_to_dict(cfg)
+        return [f"{section}.{key}={_yaml_value(value)}"
+                for section, values in want.items() for key, value in values.items()
+                if again[section][key] != value]

@@ -1,0 +1,352 @@
+"""Sweep files: parsing, validation before Ray starts, Tune objects, and the best trial's YAML."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from composeae.config import Config, load_config
+from composeae.errors import UserError
+from composeae.sweep import Dist, best_config_yaml, load_sweep
+
+ROOT = Path(__file__).parents[1]
+SWEEPS = ROOT / "jobs" / "configs" / "sweeps"
+TINY_SWEEP = SWEEPS / "tiny.yaml"
+TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_sweep(TINY_SWEEP)
+
+
+def write_sweep(tmp_path, body: str, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(f"base: {TINY}\n" + body)
+    return path
+
+
+def test_tiny_sweep_loads_and_its_trials_validate(tiny):
+    assert tiny.name == "tiny-sweep" and tiny.base_path == TINY.resolve()
+    assert list(tiny.space) == ["model.name", "loss.w_img_rec", "loss.w_sym"]
+    assert tiny.num_trials == 4 and tiny.num_samples == 2
+    assert (tiny.metric, tiny.mode, tiny.scheduler, tiny.searcher) == ("val/R@1", "max", "asha",
+                                                                      "random")
+    # 8 steps, an evaluation every 2: 4 evaluations, and ASHA's last rung at most at the 4th.
+    assert tiny.evaluations == 4 and tiny.max_t == 4 and tiny.grace_period == 1
+    assert tiny.trial_cpus == 0.1 and tiny.storage == "runs"
+    assert tiny.experiment_url == "runs/tiny-sweep"
+
+    trials = tiny.preview()
+    assert len(trials) == tiny.num_trials
+    assert sorted(t["model.name"] for t in trials) == ["composeae", "composeae", "tirg", "tirg"]
+    for params in trials:
+        cfg = tiny.trial_config(params, name=tiny.trial_run_name("abc_00001"))
+        assert isinstance(cfg, Config)
+        assert cfg.model.name == params["model.name"] and cfg.loss.w_sym == params["loss.w_sym"]
+        assert cfg.train.steps == 8 and cfg.train.eval_every == 2  # `set`
+        assert cfg.model.embed_dim == 32  # untouched base value
+        assert cfg.train.name == "tiny-sweep-abc_00001" and cfg.train.storage == "runs"
+    assert "4 trial(s)" in tiny.describe()
+
+
+def test_trial_config_wants_exactly_the_searched_keys(tiny):
+    params = tiny.preview()[0]
+    with pytest.raises(ValueError, match="missing"):
+        tiny.trial_config({k: v for k, v in params.items() if k != "loss.w_sym"})
+    with pytest.raises(ValueError, match="unknown"):
+        tiny.trial_config(params | {"optim.lr": 0.1})
+    # A combination that only fails together is refused when the trial builds its config.
+    with pytest.raises(UserError, match="loss.w_sym"):
+        tiny.trial_config(params | {"loss.w_sym": -1.0})
+
+
+def test_shipped_css_synth_sweep(tmp_path):
+    sweep = load_sweep(SWEEPS / "css-synth.yaml")
+    assert sweep.base_path.name == "demo.yaml"
+    assert sweep.space["model.name"] == Dist("grid", ("composeae", "tirg", "concat",
+                                                     "realspace_concat_ae"))
+    assert sweep.num_trials == 4 * sweep.num_samples
+    trials = sweep.preview()
+    for family in sweep.space["model.name"].args:  # equal budget per family
+        assert sum(t["model.name"] == family for t in trials) == sweep.num_samples
+    for params in trials:
+        sweep.trial_config(params)
+
+
+ERRORS = [
+    # (sweep body after `base:`, --set overrides, text the one-line message must contain)
+    ("serach: {}\n", [], "serach"),
+    ("search:\n  model.nmae: {choice: [1]}\n", [], "search.model.nmae"),
+    ("search:\n  modle.name: {choice: [tirg]}\n", [], "search.modle.name"),
+    ("search:\n  lr: {choice: [0.1]}\n", [], "search.lr"),
+    ("set:\n  loss.w_sym: 0.1\nsearch:\n  loss.w_sym: {uniform: [0, 1]}\n", [],
+     "search.loss.w_sym"),
+    ("set: [loss.w_sym=0.1]\nsearch:\n  loss.w_sym: {uniform: [0, 1]}\n", [], "search.loss.w_sym"),
+    ("search:\n  model.embed_dim: {choice: []}\n", [], "search.model.embed_dim"),
+    ("search:\n  optim.lr: {loguniform: [1e-2, 1e-4]}\n", [], "search.optim.lr"),
+    ("search:\n  optim.lr: {uniform: [0.1, 0.1]}\n", [], "search.optim.lr"),
+    ("search:\n  optim.lr: {loguniform: [0, 1]}\n", [], "search.optim.lr"),
+    ("search:\n  model.dropout: {uniform: [a, 0.5]}\n", [], "search.model.dropout"),
+    ("search:\n  model.dropout: {uniform: [0.1]}\n", [], "search.model.dropout"),
+    ("search:\n  model.dropout: {uniform: [0, 1]}\n", [], "search.model.dropout"),  # dropout < 1
+    ("search:\n  loss.w_sym: {normal: [0, 1]}\n", [], "search.loss.w_sym"),
+    ("search:\n  loss.w_sym: 0.1\n", [], "search.loss.w_sym"),
+    ("search:\n  loss.w_sym: {choice: 0.1}\n", [], "search.loss.w_sym"),
+    ("search:\n  model.name: {choice: [composeae, resnet_magic]}\n", [], "search.model.name"),
+    ("search:\n  model.embed_dim: {choice: [64, -4]}\n", [], "search.model.embed_dim"),
+    ("search:\n  model.embed_dim: {uniform: [64, 128]}\n", [], "search.model.embed_dim"),
+    ("search:\n  train.steps: {randint: [2, 8.5]}\n", [], "search.train.steps"),
+    ("search:\n  data.text_mode: {choice: [modifier, caption]}\n", [], "search.data.text_mode"),
+    ("search:\n  ray.num_workers: {choice: [1, 2]}\n", [], "search.ray.num_workers"),
+    ("search:\n  train.name: {choice: [a, b]}\n", [], "search.train.name"),
+    ("set:\n  train.steps: -1\n", [], "set.train.steps"),
+    ("set:\n  model.nmae: 1\n", [], "set.model.nmae"),
+    ("set:\n  model.name: resnet_magic\n", [], "set.model.name"),
+    ("set: [train.steps]\n", [], "train.steps"),
+    ("num_samples: 0\n", [], "num_samples"),
+    ("num_samples: 2.5\n", [], "num_samples"),
+    ("metric: test/R@1\n", [], "metric"),
+    ("metric: R@1\n", [], "metric"),
+    ("metric: val/R@50\n", [], "metric"),  # tiny.yaml's eval.ks has no 50
+    ("mode: maximum\n", [], "mode"),
+    ("scheduler: hyperband\n", [], "scheduler"),
+    ("scheduler: {name: asha, max_t: 5}\n", [], "scheduler.max_t"),  # past the evaluations
+    ("scheduler: {name: asha, max_t: 2, grace_period: 3}\n", [], "scheduler.grace_period"),
+    ("search:\n  train.steps: {choice: [6, 12]}\n", [], "search.train.steps"),  # ASHA
+    ("scheduler: {name: asha, grace_period: 0}\n", [], "scheduler.grace_period"),
+    ("scheduler: {name: asha, grace_period: 9}\n", [], "scheduler.grace_period"),
+    ("scheduler: {name: asha, reduction_factor: 1}\n", [], "scheduler.reduction_factor"),
+    ("scheduler: {name: asha, grace: 1}\n", [], "scheduler.grace"),
+    ("searcher: bayes\n", [], "searcher"),
+    ("seed: x\n", [], "seed"),
+    ("max_concurrent_trials: 0\n", [], "max_concurrent_trials"),
+    ("trial_cpus: 0\n", [], "trial_cpus"),
+    ("max_failures: -1\n", [], "max_failures"),
+    ("storage: ''\n", [], "storage"),
+    ("name: a/b\n", [], "name"),
+    ("", ["num_samples=0"], "num_samples"),
+    ("", ["nmu_samples=3"], "nmu_samples"),
+    ("", ["metric=test/R@1"], "metric"),
+    ("", ["scheduler.max_t=9"], "scheduler.max_t"),
+    ("", ["search.model.name={choice: [nope]}"], "search.model.name"),
+    ("", ["model.embed_dim=-1"], "set.model.embed_dim"),
+    ("", ["num_samples"], "num_samples"),
+]
+
+
+@pytest.mark.parametrize("body, overrides, needle", ERRORS)
+def test_errors_are_one_line_naming_the_key(tmp_path, body, overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_sweep(write_sweep(tmp_path, body), overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_searching_the_budget_without_asha(tmp_path):
+    body = ("scheduler: none\nsearch:\n  train.steps: {choice: [6, 12]}\n"
+            "  train.eval_every: {randint: [2, 3]}\n")
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    assert sweep.evaluations == 6  # the most any trial makes: 12 steps, every 2
+    assert sweep.page_spec().planned_steps is None
+    assert load_sweep(write_sweep(tmp_path, "scheduler: {name: asha, max_t: 2}\n")).max_t == 2
+
+
+def test_file_and_base_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_sweep(tmp_path / "nope.yaml")
+    missing_base = tmp_path / "m.yaml"
+    missing_base.write_text("num_samples: 2\n")
+    with pytest.raises(UserError, match="base"):
+        load_sweep(missing_base)
+    bad_base = tmp_path / "b.yaml"
+    bad_base.write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="^base: .*nowhere.yaml"):
+        load_sweep(bad_base)
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_sweep(write_sweep(tmp_path, "search: {a: [\n"))
+    with pytest.raises(UserError, match="test split"):
+        load_sweep(write_sweep(tmp_path, "metric: test/R@1\n"))
+
+
+def test_base_is_relative_to_the_sweep_file(tmp_path):
+    (tmp_path / "configs" / "sweeps").mkdir(parents=True)
+    (tmp_path / "configs" / "exp.yaml").write_text(TINY.read_text())
+    path = tmp_path / "configs" / "sweeps" / "mine.yaml"
+    path.write_text("base: ../exp.yaml\n")
+    sweep = load_sweep(path)
+    assert sweep.base_path == tmp_path / "configs" / "exp.yaml"
+    assert sweep.name == "mine" and sweep.num_trials == 1 and sweep.space == {}
+    assert sweep.trial_config({}) == load_config(TINY)
+
+
+def test_optuna_needs_its_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if it were not installed
+    with pytest.raises(UserError) as err:
+        load_sweep(write_sweep(tmp_path, "searcher: optuna\n"))
+    assert "composeae[optuna]" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_optuna_searcher(tmp_path):
+    pytest.importorskip("optuna")
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    body = "searcher: optuna\nseed: 3\nsearch:\n  model.name: {choice: [composeae, tirg]}\n"
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    assert isinstance(sweep.make_searcher(), OptunaSearch)
+    assert isinstance(sweep.make_searcher(max_concurrent=2), ConcurrencyLimiter)
+    with pytest.raises(UserError, match="search.model.name"):  # Optuna samples: no grid
+        load_sweep(write_sweep(tmp_path, body.replace("choice", "grid")))
+
+
+def test_command_line_overrides(tiny):
+    sweep = load_sweep(TINY_SWEEP, [
+        "num_samples=3", "scheduler=none", "seed=7", "trial_cpus=0.25",
+        "model.name=tirg",                              # pins a searched key
+        "optim.lr=1e-3",                                # a fixed config override; 1e-3 a number
+        "search.model.embed_dim={choice: [16, 32]}",    # adds a distribution
+        "storage=s3://bucket/sweeps",
+    ])
+    assert "model.name" not in sweep.space and ("model.name", "tirg") in sweep.fixed
+    assert sweep.space["model.embed_dim"] == Dist("choice", (16, 32))
+    assert sweep.num_trials == 3 and sweep.seed == 7 and sweep.trial_cpus == 0.25
+    assert sweep.scheduler == "none" and sweep.make_scheduler() is None
+    assert sweep.experiment_url == "s3://bucket/sweeps/tiny-sweep"
+    params = {"loss.w_img_rec": 0.1, "loss.w_sym": 0.01, "model.embed_dim": 16}
+    cfg = sweep.trial_config(params)
+    assert (cfg.model.name, cfg.optim.lr, cfg.model.embed_dim) == ("tirg", 0.001, 16)
+    assert cfg.train.storage == "s3://bucket/sweeps"  # trials' Train runs live with the sweep
+    # A config-tree key reaches the base: the cluster profile moves the default storage to S3.
+    cluster = load_sweep(TINY_SWEEP, ["ray.profile=cluster"])
+    assert cluster.storage.startswith("s3://")
+    assert cluster.base_config().ray.num_workers == 1  # `set` still wins over the profile
+
+
+def test_best_config_yaml_round_trips(tiny, tmp_path):
+    params = tiny.preview()[1]
+    text = best_config_yaml(tiny, params, trial_id="f00d_00001", metrics={"val/R@1": 42.5})
+    path = tmp_path / "best.yaml"
+    path.write_text(text)
+    assert load_config(path) == tiny.trial_config(params, name="tiny-sweep-best")
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert "tiny-sweep" in header[0] and "f00d_00001" in header[0]
+    assert any("val/R@1 = 42.5" in line for line in header)
+    assert any("loss.w_img_rec" in line for line in header)
+    assert "--set" not in text  # nothing to add: the file alone reproduces the trial
+
+    # Named as the trial's own run, it is the trial's config exactly.
+    own = best_config_yaml(tiny, params, name=tiny.trial_run_name("f00d_00001"))
+    path.write_text(own)
+    assert load_config(path) == tiny.trial_config(params, name="tiny-sweep-f00d_00001")
+
+
+def test_best_config_yaml_under_a_profile_names_the_sets_it_needs(tmp_path):
+    # The cluster profile would overwrite the trial's ray.num_workers=1 when the file is loaded:
+    # the header gives the --set that keeps it.
+    sweep = load_sweep(TINY_SWEEP, ["ray.profile=cluster"])
+    params = sweep.preview()[0]
+    text = best_config_yaml(sweep, params)
+    path = tmp_path / "best.yaml"
+    path.write_text(text)
+    command = next(line for line in text.splitlines() if "composeae train" in line)
+    sets = [part for part in command.split(" --set ")[1:]]
+    assert "ray.num_workers=1" in sets
+    assert load_config(path, sets) == sweep.trial_config(params, name="tiny-sweep-best")
+
+
+def test_param_space_kinds_and_bounds(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
+
+    body = ("search:\n"
+            "  model.name: {grid: [composeae, tirg]}\n"
+            "  model.embed_dim: {choice: [16, 32, 64]}\n"
+            "  optim.lr: {loguniform: [1e-4, 1e-2]}\n"
+            "  model.dropout: {uniform: [0, 0.5]}\n"
+            "  train.batch_size: {randint: [4, 8]}\n")
+    space = load_sweep(write_sweep(tmp_path, body)).param_space()
+    assert space["model.name"] == {"grid_search": ["composeae", "tirg"]}
+    assert isinstance(space["model.embed_dim"], Categorical)
+    assert space["model.embed_dim"].categories == [16, 32, 64]
+    lr = space["optim.lr"]
+    assert isinstance(lr, Float) and isinstance(lr.get_sampler(), LogUniform)
+    assert (lr.lower, lr.upper) == (1e-4, 1e-2)
+    dropout = space["model.dropout"]
+    assert isinstance(dropout, Float) and isinstance(dropout.get_sampler(), Uniform)
+    assert (dropout.lower, dropout.upper) == (0.0, 0.5)
+    batch = space["train.batch_size"]
+    assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (4, 9)
+    # randint includes both ends.
+    drawn = batch.sample(size=400, random_state=np.random.default_rng(0))
+    assert set(drawn) == {4, 5, 6, 7, 8}
+
+
+def test_seed_makes_sampling_reproducible(tiny):
+    again = load_sweep(TINY_SWEEP)
+    assert tiny.preview() == again.preview()
+    other = load_sweep(TINY_SWEEP, ["seed=1"]).preview()
+    assert [t["loss.w_sym"] for t in other] != [t["loss.w_sym"] for t in tiny.preview()]
+    # The domains themselves, sampled with a seeded generator.
+    space = tiny.param_space()
+    draw = [space["loss.w_img_rec"].sample(size=5, random_state=np.random.default_rng(s))
+            for s in (5, 5, 6)]
+    assert list(draw[0]) == list(draw[1]) != list(draw[2])
+    assert all(0.01 <= v < 1 for v in draw[0])
+
+
+def test_tune_objects(tiny):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    scheduler = tiny.make_scheduler()
+    assert isinstance(scheduler, ASHAScheduler)
+    assert scheduler._time_attr == "training_iteration" and scheduler._max_t == tiny.max_t
+    # Never stopped for reaching max_t: a trial past the last rung runs to its final report.
+    assert scheduler._stop_last_trials is False
+    config = tiny.tune_config()
+    assert isinstance(config, tune.TuneConfig)
+    assert (config.metric, config.mode, config.num_samples) == ("val/R@1", "max", 2)
+    assert isinstance(config.search_alg, BasicVariantGenerator)
+    assert config.search_alg.max_concurrent == 2  # the file's max_concurrent_trials
+    assert tiny.failure_config().max_failures == 0
+    assert tiny.trial_resources() == {"CPU": 0.1}
+
+
+def test_concurrency_from_cluster_resources(tiny):
+    # A tiny trial reserves 0.1 CPU for its driver + 1 worker x 0.5 CPU.
+    assert tiny.concurrency({"CPU": 1.0}) == 1
+    assert tiny.concurrency({"CPU": 2.0}) == 2           # capped by max_concurrent_trials
+    assert tiny.concurrency({"CPU": 0.2}) == 1           # at least one
+    gpu = load_sweep(SWEEPS / "css-synth.yaml", ["ray.use_gpu=true"])
+    assert gpu.concurrency({"CPU": 64.0, "GPU": 4.0}) == 2  # 2 workers x 1 GPU per trial
+    assert gpu.concurrency({"CPU": 1000.0, "GPU": 1000.0}) == gpu.num_trials
+
+
+def test_resolved_sweep_round_trips(tiny, tmp_path):
+    path = tmp_path / "resolved.yaml"
+    path.write_text(tiny.to_yaml())
+    assert load_sweep(path) == tiny
+    absolute = tiny.absolute()
+    assert Path(absolute.storage).is_absolute()
+    cfg = absolute.trial_config(tiny.preview()[0])
+    assert Path(cfg.data.url).is_absolute() and Path(cfg.train.storage).is_absolute()
+    assert yaml.safe_load(absolute.to_yaml())["set"]["data.url"] == cfg.data.url
+
+
+def test_loading_a_sweep_starts_no_ray():
+    code = ("import sys; from composeae.sweep import load_sweep; "
+            f"load_sweep({str(TINY_SWEEP)!r}); print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_page_spec(tiny):
+    spec = tiny.page_spec()
+    assert spec.params == tuple(tiny.space) and spec.metric == "val/R@1"
+    assert spec.planned_steps == 8 and spec.test_metric == "test/R@1"
