@@ -11,6 +11,8 @@ local path there or as an `s3://` URL that this module fetches once per node:
 - `check_node_files(cfg)` is the driver's pre-flight check: one tiny Ray task per alive node
   resolves each configured file there, so a path missing on one node fails the job before
   training starts, in one line naming the key and the nodes, instead of inside a worker later.
+  `missing_on_nodes(paths)` does the same for other local inputs read in place on each node
+  (a dataset directory, a checkpoint), without downloading anything.
 
 Cache layout: `<cache>/<hash of url>-<name>/<hash of version>/...`, the version being the
 object's ETag and size (for a prefix, those of every object under it), so a changed object is
@@ -32,7 +34,7 @@ import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from composeae.data import storage
 from composeae.errors import UserError
@@ -208,13 +210,48 @@ def _download(url: str, objects: list[tuple[str, str, int]], entry: Path, versio
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver's pre-flight check
+# The driver's pre-flight checks
 
 
 def configured_node_files(cfg: "Config") -> list[tuple[str, str]]:
     """(key, value) of every node file `cfg` sets."""
     values = {"model.image_weights": cfg.model.image_weights, "model.bert_path": cfg.model.bert_path}
     return [(key, value) for key, value in values.items() if value]
+
+
+def _on_every_node(fn: Callable[[Any], Any], arg: Any,
+                   timeout_s: float) -> tuple[dict[str, Any], list[str]]:
+    """Run `fn(arg)` once on every alive node of the connected Ray cluster.
+
+    Returns ({node: result}, [one line per node where it could not run]); a node is named
+    "hostname (IP)", as the Ray dashboard lists it.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        # ray.remote would otherwise start (or join) a Ray instance of its own choosing.
+        raise RuntimeError("node checks run after ray.init")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # num_cpus=0: the check must run even on a node whose CPUs are all held by a running job,
+    # and on nodes that offer no CPU to tasks at all (a head node started with --num-cpus=0).
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(arg):
+            f"{n['NodeManagerHostname']} ({n['NodeManagerAddress']})" for n in nodes}
+    results: dict[str, Any] = {}
+    errors: list[str] = []
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            results[refs[ref]] = ray.get(ref)
+        except Exception as exc:  # the node died, or its worker could not start
+            errors.append(f"could not check node {refs[ref]}: {type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:300]}")
+    for ref in pending:
+        ray.cancel(ref, force=True)
+        errors.append(f"node {refs[ref]} did not finish its check in {timeout_s:.0f} s")
+    return results, errors
 
 
 def _check_this_node(files: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
@@ -242,42 +279,41 @@ def check_node_files(cfg: "Config", timeout_s: float = 1800.0) -> None:
     files = configured_node_files(cfg)
     if not files:
         return
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if not ray.is_initialized():
-        # ray.remote would otherwise start (or join) a Ray instance of its own choosing.
-        raise RuntimeError("check_node_files runs after ray.init")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    # num_cpus=0: the check must run even on a node whose CPUs are all held by a running job,
-    # and on nodes that offer no CPU to tasks at all (a head node started with --num-cpus=0).
-    task = ray.remote(num_cpus=0, max_retries=0)(_check_this_node)
-    refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(files):
-            f"{n['NodeManagerHostname']} ({n['NodeManagerAddress']})" for n in nodes}
-
+    by_node, errors = _on_every_node(_check_this_node, files, timeout_s)
     missing: dict[str, list[str]] = {key: [] for key, _ in files}
-    errors: list[str] = []
-    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    for ref in ready:
-        node = refs[ref]
-        try:
-            results = ray.get(ref)
-        except Exception as exc:  # the node died, or its worker could not start
-            errors.append(f"could not check node {node}: {type(exc).__name__}: "
-                          f"{' '.join(str(exc).split())[:300]}")
-            continue
+    for node, results in by_node.items():
         for key, status, message in results:
             if status == "missing":
                 missing[key].append(node)
             elif status == "error":
                 errors.append(message)
-    for ref in pending:
-        ray.cancel(ref, force=True)
-        errors.append(f"node {refs[ref]} did not finish checking its files in {timeout_s:.0f} s")
-
     values = dict(files)
     problems = [f"{key}: {values[key]} does not exist on node{'s' if len(where) > 1 else ''} "
                 f"{', '.join(sorted(where))}" for key, where in missing.items() if where]
     if problems or errors:
         raise UserError("; ".join(problems + errors))
+
+
+def _missing_here(paths: dict[str, str]) -> list[str]:
+    return [what for what, path in paths.items()
+            if not storage.is_s3(path) and not os.path.exists(path)]
+
+
+def missing_on_nodes(paths: dict[str, str], timeout_s: float = 300.0) -> dict[str, list[str]]:
+    """{what: local path} -> {what: [nodes where that path does not exist]}, only for the
+    paths missing somewhere (empty when every path exists on every alive node).
+
+    For inputs read in place on each node (a dataset directory, a checkpoint), nothing is
+    downloaded; `s3://` URLs are the same from every node and are not checked here. Raises
+    `UserError` when a node cannot run the check. No Ray work when `paths` is empty.
+    """
+    if not paths:
+        return {}
+    by_node, errors = _on_every_node(_missing_here, dict(paths), timeout_s)
+    if errors:
+        raise UserError("; ".join(errors))
+    missing: dict[str, list[str]] = {}
+    for node in sorted(by_node):
+        for what in by_node[node]:
+            missing.setdefault(what, []).append(node)
+    return missing

@@ -19,7 +19,8 @@ import pytest
 from composeae.config import Config, replace
 from composeae.data import storage
 from composeae.errors import UserError
-from composeae.nodefiles import CACHE_ENV, MissingNodeFile, check_node_files, resolve_local
+from composeae.nodefiles import (CACHE_ENV, MissingNodeFile, check_node_files, missing_on_nodes,
+                                 resolve_local)
 
 CORPUS = ["add a red circle", "remove the blue square", "make the green triangle small",
           "change the gray circle to yellow"]
@@ -322,3 +323,13 @@ def test_check_warms_each_node_cache_from_s3(ray_local, s3_bucket, gets, monkeyp
     with pytest.raises(UserError) as err:
         check_node_files(with_files(bert_path=f"{s3_bucket}/missing-bert"))
     assert str(err.value) == f"model.bert_path: {s3_bucket}/missing-bert does not exist on node {node}"
+
+
+def test_missing_on_nodes_lists_each_missing_path_and_node(ray_local, tmp_path, s3_bucket):
+    _, node = ray_local
+    present = tmp_path / "data"
+    present.mkdir()
+    paths = {"--data": str(present), "--checkpoint": str(tmp_path / "nowhere"),
+             "data.url": f"{s3_bucket}/not-checked-here"}
+    assert missing_on_nodes(paths) == {"--checkpoint": [node]}
+    assert missing_on_nodes({}) == {}
