@@ -20,6 +20,9 @@ fi
 # goes first: otherwise jobs run the system interpreter and fail with ModuleNotFoundError.
 export PATH="${venv}/bin:${PATH}"
 export RAY_AUTH_MODE=token
+# Ray processes inherit it from `ray start`: the dashboard's Train page then lists the runs of
+# every job, also of one submitted without cluster/runtime_env.yaml (which sets it as well).
+export RAY_TRAIN_ENABLE_STATE_TRACKING=1
 
 # Creates ~/.ray/auth_token when missing; the token itself is not printed.
 ray get-auth-token --generate >/dev/null

@@ -1,14 +1,16 @@
 """A real local Ray head (`ray start --head`) and `ray job submit` against it.
 
 Used by the job tests and the job-latency benchmark; also handy for trying a job locally the
-way a cluster runs it. Stopping it stops only its own processes (Linux: found through /proc). The head and the CLI run from this interpreter's environment, so the
-job's `python` finds the project's packages. Token auth is switched off for this private,
-loopback-only head (`RAY_AUTH_MODE=disabled` for the head and for the submitting CLI alike).
+way a cluster runs it. Stopping it stops only its own processes (Linux: found through /proc).
+The head and the CLI run from this interpreter's environment, so the job's `python` finds the
+project's packages. Token auth is switched off for this private, loopback-only head
+(`RAY_AUTH_MODE=disabled` for the head and for the submitting CLI alike).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -74,13 +77,17 @@ class LocalHead:
             os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
 
     def submit(self, entrypoint: list[str], working_dir: str, submission_id: str,
-               agent_timeout_s: float = 60.0) -> None:
-        """Submit without waiting (`ray job submit --no-wait`). Right after `ray start` the head's
-        job agent may not be up yet ("No available agent"): that answer is retried."""
+               agent_timeout_s: float = 60.0,
+               runtime_env: str | os.PathLike[str] | None = None) -> None:
+        """Submit without waiting (`ray job submit --no-wait`), with `--runtime-env FILE` when
+        `runtime_env` is given (e.g. cluster/runtime_env.yaml, as a user submits). Right after
+        `ray start` the head's job agent may not be up yet ("No available agent"): that answer is
+        retried."""
+        options = [f"--runtime-env={os.fspath(runtime_env)}"] if runtime_env is not None else []
         deadline = time.monotonic() + agent_timeout_s
         while True:
             try:
-                self._ray("job", "submit", f"--address={self.address}",
+                self._ray("job", "submit", f"--address={self.address}", *options,
                           f"--working-dir={working_dir}", f"--submission-id={submission_id}",
                           "--no-wait", "--", *entrypoint)
                 return
@@ -123,6 +130,15 @@ class LocalHead:
 
     def logs(self, submission_id: str) -> str:
         return self._client().get_job_logs(submission_id)
+
+    def job_info(self, submission_id: str):
+        """The job's `JobDetails` (entrypoint, runtime_env as Ray stored it, status, ...)."""
+        return self._client().get_job_info(submission_id)
+
+    def get_json(self, path: str, timeout: float = 30.0):
+        """GET `path` of the head's dashboard HTTP API (e.g. /api/train/v2/runs/v1) as JSON."""
+        with urllib.request.urlopen(f"{self.address}{path}", timeout=timeout) as response:
+            return json.loads(response.read().decode())
 
     def wait(self, submission_id: str, timeout: float = 600, poll: float = 2.0) -> str:
         """Poll until the job ends; returns its final state."""

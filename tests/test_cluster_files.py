@@ -24,9 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 NIGHT = "2026-01-31"
-"""Stands for `$(date +%F)` / `__NIGHT__` wherever a nightly name is built from the date."""
+"""Stands for the night's date wherever a nightly name is built from it."""
 DATE_EXPR = "$(date +%F)"
 NIGHT_PLACEHOLDER = "__NIGHT__"
+"""cronjob-fallback.yaml: the creator pod writes the date over it before creating the RayJob."""
+NIGHT_FILE = "/var/run/composeae/night"
+"""raycronjob-nightly.yaml: the date the submitter pod's init container read from the RayJob."""
+NIGHT_FILE_EXPR = f"$(cat {NIGHT_FILE})"
+CRONTAB_NIGHT = "${night}"
+"""crontab: the shell variable that holds the date, read once by `night="$(date +%F)"`."""
+SCHEDULED_ANNOTATION = "ray.io/cronjob-scheduled-timestamp"
+"""Set by KubeRay's RayCronJob controller on each RayJob it creates (1.6: RFC 3339, UTC)."""
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+MAX_NIGHT_S = 23 * 3600
+"""A night's RayJob, every attempt and its last cluster's TTL included, must release its GPUs
+before the next night begins (24 h), with room for the clusters torn down between attempts."""
 
 # Fields of KubeRay's v1 RayJobSpec, RayClusterSpec and (1.6) RayCronJobSpec: a misspelt field is
 # rejected by the API server's strict validation only at apply time, or dropped by older clients.
@@ -116,7 +128,9 @@ def entrypoints() -> list[tuple[str, str]]:
 
 
 def argv(entrypoint: str) -> list[str]:
-    return shlex.split(entrypoint.replace(DATE_EXPR, NIGHT))
+    for expr in (DATE_EXPR, NIGHT_FILE_EXPR, CRONTAB_NIGHT):
+        entrypoint = entrypoint.replace(expr, NIGHT)
+    return shlex.split(entrypoint)
 
 
 def option_values(args: list[str], option: str) -> list[str]:
@@ -185,21 +199,54 @@ def test_entrypoint_config_resolves_for_the_cluster(where, entrypoint, monkeypat
         assert cfg.train.name == f"nightly-{NIGHT}", f"{where}: run name {cfg.train.name!r}"
 
 
-def test_nightly_run_names_come_from_the_date():
-    """Retries of one night must land on the same run name, so they resume it."""
+def test_nightly_date_is_fixed_when_the_job_is_created():
+    """Retries of one night must land on the same run name, so they resume it. KubeRay pastes a
+    RayJob's entrypoint into the `bash -c` of a submitter pod it creates for every attempt, so a
+    clock read there would be read again by each retry (and give the next day after midnight)."""
     nightly = [(w, e) for w, e in entrypoints() if is_nightly(w)]
-    assert {w for w, _ in nightly} >= {"cluster/crontab",
-                                       "cluster/kuberay/raycronjob-nightly.yaml"}
-    raw_cron = (KUBERAY / "raycronjob-nightly.yaml").read_text()
-    assert f"train.name=nightly-{DATE_EXPR}" in raw_cron
-    raw_fallback = (KUBERAY / "cronjob-fallback.yaml").read_text()
-    assert f"train.name=nightly-{NIGHT_PLACEHOLDER}" in raw_fallback
+    assert {w for w, _ in nightly} == {
+        "cluster/crontab", "cluster/kuberay/raycronjob-nightly.yaml",
+        "cluster/kuberay/cronjob-fallback.yaml (ConfigMap)"}
+    for where, spec in rayjob_specs():
+        entrypoint = spec["entrypoint"]
+        assert "$(date" not in entrypoint and "`" not in entrypoint, \
+            f"{where}: the entrypoint reads the clock on every attempt: {entrypoint}"
+        assert entrypoint.replace(NIGHT_FILE_EXPR, "").count("$") == 0, \
+            f"{where}: only the night file may be expanded by the submitter: {entrypoint}"
+    # RayCronJob: the date comes from the file the submitter pod's init container writes from
+    # the RayJob's creation-time annotation (see test_raycronjob_submitter_*).
+    (_, cron), = docs_of_kind("RayCronJob")
+    assert f"--set train.name=nightly-{NIGHT_FILE_EXPR}" in cron["spec"]["jobTemplate"]["entrypoint"]
+    # Fallback: the creator pod writes the date literally into the RayJob it creates.
+    assert f"--set train.name=nightly-{NIGHT_PLACEHOLDER}" in fallback_rayjob(NIGHT_PLACEHOLDER)[
+        "spec"]["entrypoint"]
+    # crontab: cron's shell reads the date once, when it submits; Ray stores the expansion.
+    (entry,) = crontab_entries()
+    shell_command = cron_unescape(entry.split(None, 5)[5])
+    assert shell_command.count("$(date") == 1 and 'night="$(date +%F)"' in shell_command
+
+
+@pytest.mark.parametrize("where,spec", [(w, s) for w, s in rayjob_specs() if is_nightly(w)],
+                         ids=lambda v: str(v)[:60])
+def test_nightly_deadlines_bound_the_night(where, spec):
+    """KubeRay 1.6 applies activeDeadlineSeconds per attempt (each retry restarts the clock and
+    an attempt stopped by it is not retried), and RayCronJob has no concurrency policy: a whole
+    night holds GPUs for at most (backoffLimit + 1) x activeDeadlineSeconds, plus the TTL of its
+    last cluster, and that must end before the next night starts."""
+    worst_case = ((spec["backoffLimit"] + 1) * spec["activeDeadlineSeconds"]
+                  + spec["ttlSecondsAfterFinished"])
+    assert worst_case <= MAX_NIGHT_S, f"{where}: a night may hold GPUs {worst_case / 3600:.1f} h"
 
 
 # -- runtime_env -----------------------------------------------------------------------------
 
 def runtime_env() -> dict:
     return yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+
+
+def test_runtime_env_enables_the_dashboards_train_page():
+    """Ray 2.60 records Train runs for the dashboard only with this set (default off)."""
+    assert runtime_env()["env_vars"].get(STATE_TRACKING) == "1"
 
 
 def test_runtime_env_values_are_strings():
@@ -235,6 +282,7 @@ def test_runtime_env_excludes_what_must_not_be_uploaded():
 def test_rayjob_runtime_env_matches_runtime_env_yaml(where, spec):
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     reference = runtime_env()
+    assert env["env_vars"].get(STATE_TRACKING) == "1", f"{where}: the Train page stays empty"
     assert env["env_vars"] == reference["env_vars"], f"{where}: env_vars differ"
     assert env["excludes"] == reference["excludes"], f"{where}: excludes differ"
     assert env["working_dir"] == "/home/ray/composeae", f"{where}: working_dir"
@@ -280,7 +328,8 @@ def test_no_credentials_in_cluster_files():
 def test_kinds_and_api_versions():
     assert [d["kind"] for d in docs(KUBERAY / "raycluster.yaml")] == ["RayCluster"]
     assert [d["kind"] for d in docs(KUBERAY / "rayjob-train.yaml")] == ["RayJob"]
-    assert [d["kind"] for d in docs(KUBERAY / "raycronjob-nightly.yaml")] == ["RayCronJob"]
+    assert [d["kind"] for d in docs(KUBERAY / "raycronjob-nightly.yaml")] == [
+        "ServiceAccount", "Role", "RoleBinding", "RayCronJob"]
     for kind in ["RayCluster", "RayJob", "RayCronJob"]:
         for where, doc in docs_of_kind(kind):
             assert doc["apiVersion"] == "ray.io/v1", where
@@ -308,6 +357,15 @@ def test_cluster_specs(where, spec):
     for group in spec["workerGroupSpecs"]:
         for c in group["template"]["spec"]["containers"]:
             assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, f"{where}: CPU-only workers"
+
+
+@pytest.mark.parametrize("where,spec", cluster_specs(), ids=lambda v: str(v)[:60])
+def test_ray_containers_enable_the_train_page(where, spec):
+    """Every Ray process inherits it, so runs of jobs submitted without runtime_env.yaml (to
+    raycluster.yaml by hand) are listed on the dashboard's Train page too."""
+    for c in containers(spec):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get(STATE_TRACKING) == "1", f"{where}: {c['name']}"
 
 
 def test_all_kuberay_manifests_use_one_image():
@@ -342,14 +400,126 @@ def test_raycronjob_nightly():
 
 
 def test_nightly_rayjobs_agree():
-    """The RayCronJob's template and the fallback's RayJob are the same job."""
+    """The RayCronJob's template and the fallback's RayJob are the same job; only the RayCronJob
+    needs a submitter pod of its own, to read the night's date."""
     (_, cron), = docs_of_kind("RayCronJob")
     template = dict(cron["spec"]["jobTemplate"])
     fallback = dict(fallback_rayjob()["spec"])
-    assert template.pop("entrypoint").replace(DATE_EXPR, NIGHT) == fallback.pop("entrypoint")
+    assert template.pop("entrypoint").replace(NIGHT_FILE_EXPR, NIGHT) == fallback.pop("entrypoint")
+    assert template.pop("submissionMode") == "K8sJobMode" == fallback.pop("submissionMode",
+                                                                          "K8sJobMode")
+    template.pop("submitterPodTemplate")
     assert template == fallback
     one_off = dict(next(spec for w, spec in rayjob_specs() if w.endswith("rayjob-train.yaml")))
     assert one_off["rayClusterSpec"] == template["rayClusterSpec"]
+
+
+def _raycronjob_objects() -> dict[str, dict]:
+    return {d["kind"]: d for d in docs(KUBERAY / "raycronjob-nightly.yaml")}
+
+
+def _night_reader(pod: dict) -> dict:
+    (init,) = pod["initContainers"]
+    return init
+
+
+def test_raycronjob_submitter_wiring():
+    """The submitter pod reads its own RayJob (RBAC: get rayjobs only) and hands the date to the
+    submitting container through a shared volume at the path the entrypoint reads."""
+    objs = _raycronjob_objects()
+    namespaces = {d["metadata"].get("namespace") for d in objs.values()}
+    assert len(namespaces) == 1 and None not in namespaces, namespaces
+    sa, role, binding, cron = (objs[k] for k in ["ServiceAccount", "Role", "RoleBinding",
+                                                   "RayCronJob"])
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    (rule,) = role["rules"]
+    assert rule == {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["get"]}
+
+    spec = cron["spec"]["jobTemplate"]
+    # HTTPMode would send `$(cat ...)` unexpanded to the Ray head; SidecarMode has no template.
+    assert spec["submissionMode"] == "K8sJobMode"
+    pod = spec["submitterPodTemplate"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert pod["restartPolicy"] == "Never"
+    (volume,) = pod["volumes"]
+    assert volume == {"name": volume["name"], "emptyDir": {}}
+    night_dir = os.path.dirname(NIGHT_FILE)
+    init = _night_reader(pod)
+    (submitter,) = pod["containers"]  # KubeRay fills in the command of container 0
+    assert "command" not in submitter and "args" not in submitter
+    assert submitter["image"] == containers(spec["rayClusterSpec"])[0]["image"], \
+        "the submitter must run the Ray version of the cluster"
+    for container in (init, submitter):
+        (mount,) = container["volumeMounts"]
+        assert mount["name"] == volume["name"] and mount["mountPath"] == night_dir
+    (env,) = init["env"]
+    # KubeRay names the submitter Job after the RayJob; Kubernetes labels the Job's pods with it.
+    assert env == {"name": "RAYJOB_NAME", "valueFrom": {"fieldRef": {
+        "fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}}
+    script = init["args"][0]
+    assert init["command"] == ["/bin/bash", "-c"]
+    assert NIGHT_FILE in script and SCHEDULED_ANNOTATION.replace(".", "\\.") in script
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+
+
+def _run_night_reader(tmp_path: Path, kubectl_output: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs the init container's script against a stub `kubectl` that prints `kubectl_output`
+    for `kubectl get rayjob composeae-nightly-x7k2p ...` (or fails when it is None)."""
+    pod = _raycronjob_objects()["RayCronJob"]["spec"]["jobTemplate"]["submitterPodTemplate"]["spec"]
+    init = _night_reader(pod)
+    night_dir = tmp_path / "night"
+    night_dir.mkdir()
+    stub = tmp_path / "bin" / "kubectl"
+    stub.parent.mkdir()
+    (tmp_path / "out").write_text(kubectl_output or "")
+    stub.write_text("#!/usr/bin/env bash\n"
+                    '[ "$1 $2 $3" = "get rayjob composeae-nightly-x7k2p" ] || exit 3\n'
+                    f"{'exit 1' if kubectl_output is None else ''}\n"
+                    f'cat "{tmp_path / "out"}"\n')
+    stub.chmod(0o755)
+    script = init["args"][0].replace(os.path.dirname(NIGHT_FILE), str(night_dir))
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}",
+           "RAYJOB_NAME": "composeae-nightly-x7k2p"}
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                            timeout=30)
+    return result, night_dir / os.path.basename(NIGHT_FILE)
+
+
+@pytest.mark.parametrize("kubectl_output,night", [
+    # created by the RayCronJob, late (operator restart): the scheduled night wins
+    ("2026-02-01T00:10:00Z 2026-01-31T02:00:00Z", "2026-01-31"),
+    ("2026-01-31T02:00:01Z 2026-01-31T02:00:00Z", "2026-01-31"),
+    # created by hand from the template: the day it was created
+    ("2026-01-31T09:30:00Z", "2026-01-31"),
+    ("2026-01-31T09:30:00Z ", "2026-01-31"),
+])
+def test_raycronjob_submitter_reads_the_scheduled_date(tmp_path, kubectl_output, night):
+    result, night_file = _run_night_reader(tmp_path, kubectl_output)
+    assert result.returncode == 0, result.stderr
+    assert night_file.read_text() == night
+
+
+@pytest.mark.parametrize("kubectl_output", [None, "", "garbage"])
+def test_raycronjob_submitter_fails_without_a_date(tmp_path, kubectl_output):
+    """No date, no submission: the pod fails (and is retried) rather than train `nightly-`."""
+    result, night_file = _run_night_reader(tmp_path, kubectl_output)
+    assert result.returncode != 0
+    assert not night_file.exists()
+
+
+def test_raycronjob_entrypoint_expands_in_the_submitter_shell(tmp_path):
+    """KubeRay 1.6 (K8sJobMode) runs `bash -ce -- "... ray job submit ... -- <entrypoint> ; ..."`
+    in the submitter: the night file's content is what Ray receives as the run name."""
+    (_, cron), = docs_of_kind("RayCronJob")
+    night_file = tmp_path / "night"
+    night_file.write_text(NIGHT)
+    entrypoint = cron["spec"]["jobTemplate"]["entrypoint"].replace(NIGHT_FILE, str(night_file))
+    echoed = subprocess.run(["bash", "-ce", "--", f"printf '%s\\n' {entrypoint} ;"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert option_values(echoed, "--set")[-1] == f"train.name=nightly-{NIGHT}"
 
 
 def test_cronjob_fallback_rbac_and_wiring():
@@ -438,10 +608,27 @@ def test_crontab_has_one_entry_with_escaped_percent():
     shell_command = cron_unescape(command)
     subprocess.run(["sh", "-n", "-c", shell_command], check=True)  # cron runs /bin/sh
     assert "RAY_AUTH_MODE=token" in shell_command
-    assert f"--submission-id nightly-{DATE_EXPR}" in shell_command
+    assert f'night="{DATE_EXPR}"' in shell_command
+    assert f'--submission-id "nightly-{CRONTAB_NIGHT}"' in shell_command
     assert "--runtime-env cluster/runtime_env.yaml" in shell_command
     assert "--working-dir ." in shell_command
-    assert f"--set train.name=nightly-{DATE_EXPR}" in shell_command
+    assert f'--set "train.name=nightly-{CRONTAB_NIGHT}"' in shell_command
+
+
+def test_crontab_expands_one_date_for_both_names(tmp_path):
+    """What cron's /bin/sh hands to `ray`: the submission id and the run name, both literal."""
+    (entry,) = crontab_entries()
+    shell_command = cron_unescape(entry.split(None, 5)[5])
+    stub = tmp_path / "composeae" / ".venv" / "bin" / "ray"
+    stub.parent.mkdir(parents=True)
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done > "$HOME/argv"\n')
+    stub.chmod(0o755)
+    subprocess.run(["sh", "-c", shell_command], env={**os.environ, "HOME": str(tmp_path)},
+                   check=True, timeout=30)
+    args = (tmp_path / "argv").read_text().splitlines()
+    (night,) = {option_values(args, "--submission-id")[0].removeprefix("nightly-"),
+                option_values(args, "--set")[-1].removeprefix("train.name=nightly-")}
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", night), args
 
 
 # -- scripts ---------------------------------------------------------------------------------
@@ -459,6 +646,10 @@ def test_start_local_uses_the_venv_and_token_auth():
     assert "--dashboard-host=127.0.0.1" in text and "--dashboard-port=8265" in text
     assert 'PATH="${venv}/bin:${PATH}"' in text, "jobs' `python` must resolve to the venv"
     assert "RAY_AUTH_MODE=token" in text and "ray job submit" in text
+    # Exported before `ray start`, so every process of the head inherits it.
+    export = f"export {STATE_TRACKING}=1"
+    assert export in text and text.index(export) < text.index("ray start --head"), \
+        "the dashboard's Train page stays empty for jobs submitted without runtime_env.yaml"
 
 
 # -- ray up ----------------------------------------------------------------------------------
@@ -485,6 +676,7 @@ def test_aws_gpu_config_facts():
     for key in ["head_start_ray_commands", "worker_start_ray_commands"]:
         start = [c for c in config[key] if "ray start" in c]
         assert start and all("RAY_AUTH_MODE=token" in c for c in start), key
+        assert all(f"{STATE_TRACKING}=1 ray start" in c for c in start), key
     assert any("--head" in c for c in config["head_start_ray_commands"])
     setup = " ".join(config["setup_commands"])
     assert "-c ~/composeae/constraints.txt" in setup, "nodes must install the pinned versions"
