@@ -10,6 +10,7 @@ resolved tree back to YAML (next to every run and inside every checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,27 @@ from typing import Any, Literal
 import yaml
 
 from composeae.errors import UserError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: `1e-4` is a number, not the string '1e-4' (YAML 1.1)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_value(text: str) -> Any:
+    """A value as written after `key=` on the command line (`1e-3` a float, `none` a string);
+    text that is not valid YAML stays text."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError:
+        return text
 
 
 @dataclass(frozen=True)
@@ -301,10 +323,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = dotted.strip().split(".")
         if len(parts) != 2:
             raise UserError(f"override key {dotted!r} must be section.key")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+        value = parse_value(text)
         merged.setdefault(parts[0], {})[parts[1]] = value
     return merged
 
@@ -313,7 +332,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}")
 

@@ -62,9 +62,12 @@ def absolute_url(url: str) -> str:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with its dataset and run storage URLs made absolute."""
+    """The config with its local paths made absolute: dataset, run storage and the files every
+    worker opens (`model.image_weights`, `model.bert_path`)."""
+    files = {k: absolute_url(v) for k, v in (("image_weights", cfg.model.image_weights),
+                                              ("bert_path", cfg.model.bert_path)) if v}
     return replace(cfg, data={"url": absolute_url(cfg.data.url)},
-                   train={"storage": absolute_url(cfg.train.storage)})
+                   train={"storage": absolute_url(cfg.train.storage)}, model=files)
 
 
 def run_url(cfg: Config) -> str:

@@ -115,7 +115,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from composeae.config import Config, config_to_dict, dump_config, load_config
+from composeae.config import (Config, YamlLoader, config_to_dict, dump_config, load_config,
+                              parse_value)
 from composeae.errors import UserError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -131,26 +132,6 @@ _TOP_KEYS = ("base", "name", "set", "search", "num_samples", "metric", "mode", "
              "searcher", "seed", "max_concurrent_trials", "trial_cpus", "max_failures", "storage")
 _SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor", "max_t")
 _CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 floats: `1e-4` is a number, not the string '1e-4'."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-def _parse(text: str) -> Any:
-    """A YAML value as written on the command line (`1e-3` a float, `none` a string)."""
-    if not text.strip():
-        return None
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
 
 
 def _yaml_value(value: Any) -> str:
@@ -288,6 +269,8 @@ class Sweep:
     def absolute(self) -> Sweep:
         """The sweep with local paths (storage, data.url, model weight files) made absolute, as
         the driver needs before trials start: Tune runs each trial in its own directory."""
+        from composeae.driver import absolute_url
+
         cfg = self.base_config()
         paths = {"data.url": cfg.data.url, "model.image_weights": cfg.model.image_weights,
                  "model.bert_path": cfg.model.bert_path}
@@ -434,11 +417,6 @@ class Sweep:
         return "\n".join(lines)
 
 
-def absolute_url(url: str) -> str:
-    """A local path made absolute; `s3://` URLs unchanged."""
-    return url if url.startswith("s3://") else str(Path(url).resolve())
-
-
 def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
@@ -473,7 +451,7 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
     if not path.is_file():
         raise UserError(f"sweep file {path} does not exist")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as exc:
         raise UserError(f"sweep file {path} is not valid YAML: {str(exc).splitlines()[0]}")
     if raw is None:
@@ -499,7 +477,7 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key=value")
         key, text = (s.strip() for s in item.split("=", 1))
-        value = _parse(text)
+        value = parse_value(text)
         parts = key.split(".")
         if parts[0] in _CONFIG_SECTIONS:
             fixed[key] = value  # pins a searched key
@@ -535,7 +513,7 @@ def _read_set(raw: Any) -> dict[str, Any]:
             if not isinstance(entry, str) or "=" not in entry:
                 raise UserError(f"set entry {entry!r} must look like section.key=value")
             key, text = entry.split("=", 1)
-            items.append((key.strip(), _parse(text)))
+            items.append((key.strip(), parse_value(text)))
     else:
         raise UserError(f"sweep key set must be a mapping or a list of section.key=value, "
                         f"got {raw!r}")

@@ -664,6 +664,14 @@ class SweepPageCallback(Callback):
 
     # -- wiring --------------------------------------------------------------------------
 
+
+    @classmethod
+    def from_spec(cls, sweep_url: str, spec: SweepSpec, **options: Any) -> "SweepPageCallback":
+        """The callback for a ready `SweepSpec` (e.g. `composeae.sweep.Sweep.page_spec()`)."""
+        return cls(sweep_url, spec.params, spec.metric, spec.mode, spec.title,
+                   extra_metrics=spec.extra_metrics, test_metric=spec.test_metric,
+                   planned_steps=spec.planned_steps, family_key=spec.family_key, **options)
+
     def _sync_all(self, trials: Sequence[Any] | None) -> None:
         for trial in trials or ():
             self.state.sync(trial.trial_id, trial.status, trial.config, trial.last_result)

@@ -109,7 +109,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     if tune.Tuner.can_restore(url):
         tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
     else:
-        page = SweepPageCallback(url, sweep.page_spec())
+        page = SweepPageCallback.from_spec(url, sweep.page_spec())
         tuner = tune.Tuner(
             trainable, param_space=sweep.param_space(),
             tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
@@ -154,7 +154,7 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
         test = {f"test/{k.split('/', 1)[1]}": v for k, v in test.items()}
     val = {k: float(row[k]) for k in row.index if k.startswith("val/") and _finite(row[k])}
 
-    statuses = [_status(r, sweep) for r in grid]
+    statuses = [_status(r) for r in grid]
     best_yaml = storage.join(sweep.experiment_url, "best.yaml")
     storage.write_text(best_yaml, best_config_yaml(sweep, params, trial_id=trial_id,
                                                    metrics={sweep.metric: val[sweep.metric]}))
@@ -168,7 +168,7 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     return summary
 
 
-def _status(result, sweep: Sweep) -> str:
+def _status(result) -> str:
     if result.error is not None:
         return "error"
     return "finished" if (result.metrics or {}).get("final") else "stopped"

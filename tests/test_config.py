@@ -28,6 +28,11 @@ def test_defaults_and_overrides(tmp_path):
         cfg.train.steps = 3
 
 
+def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  weight_decay: 5e-5\n"), ["optim.lr=1e-3"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (1e-3, 5e-5)
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["model.embed_dim=64", "data.text_mode=complete"])
     again = load_config(write(tmp_path, dump_config(cfg)))

@@ -120,6 +120,11 @@ def test_s3_basics(s3_bucket, tmp_path):
         storage.read_bytes(storage.join(s3_bucket, "missing"))
     storage.remove(url)
     assert not storage.exists(url)
+    # Pages written to a bucket carry their content type, so a browser shows them.
+    page = storage.join(s3_bucket, "summary.html")
+    storage.write_text(page, "<p>hi</p>")
+    bucket, key = storage.split_s3(page)
+    assert storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentType"] == "text/html"
 
 
 def test_missing_bucket_is_one_clear_line(s3_server):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import io
 import logging
+import mimetypes
 import os
 import shutil
 import threading
@@ -187,8 +188,11 @@ def write_bytes(url: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old content or the new, never a part."""
     if is_s3(url):
         bucket, key = split_s3(url)
+        # A content type by extension, so a report or sweep page opened from a bucket (or a
+        # presigned link) shows in the browser instead of downloading.
+        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
         with _s3_errors(url):
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind)
         return
     tmp = _local_tmp_name(url)
     try:
