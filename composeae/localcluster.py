@@ -29,6 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_processes_naming(text: str, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line contains `text` (Linux /proc).
+
+    A Ray instance's processes (GCS, raylet, dashboard, monitors) all name its temp dir, so this
+    stops one Ray and leaves any other on the machine alone; its workers exit with the raylet.
+    """
+    def mine() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and entry.name != str(os.getpid()):
+                try:
+                    if text.encode() in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in mine():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while mine() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
 class LocalHead:
     """`with LocalHead(num_cpus=2) as head: head.submit(...)`; stops the head on exit."""
 
@@ -69,7 +95,7 @@ class LocalHead:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._kill_processes_of(self.temp_dir)
+        kill_processes_naming(self.temp_dir)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if self._saved_auth_mode is None:
             os.environ.pop("RAY_AUTH_MODE", None)
@@ -95,29 +121,6 @@ class LocalHead:
                 if "No available agent" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-
-    @staticmethod
-    def _kill_processes_of(temp_dir: str, grace_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL, every process whose command line names `temp_dir` (the head's
-        GCS, raylet, dashboard and monitors; its workers exit with the raylet)."""
-        def mine() -> list[int]:
-            pids = []
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit() and entry.name != str(os.getpid()):
-                    try:
-                        if temp_dir.encode() in (entry / "cmdline").read_bytes():
-                            pids.append(int(entry.name))
-                    except OSError:
-                        continue
-            return pids
-
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in mine():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + grace_s
-            while mine() and time.monotonic() < deadline:
-                time.sleep(0.2)
 
     def _client(self):
         from ray.job_submission import JobSubmissionClient

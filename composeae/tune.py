@@ -50,18 +50,11 @@ def _trial(params: dict[str, Any], sweep: Sweep, prepared: PreparedRun) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from composeae.data import storage
     from composeae.driver import build_trainer, finish_run
-    from composeae.tblog import write_hparams
 
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(sweep, params, trial_id)
+    cfg = trial_config(sweep, params, tune.get_context().get_trial_id())
     result = build_trainer(prepared, cfg, callbacks=[TuneReportCallback()]).fit()
-    summary = finish_run(prepared, cfg, result)
-    metrics = {k: v for k, v in summary.metrics.items()
-               if isinstance(v, (int, float)) and ("/" in k or k == "step")}
-    write_hparams(storage.join(sweep.experiment_url, "hparams"), params, metrics,
-                  run_name=trial_id)
+    finish_run(prepared, cfg, result)
 
 
 @dataclass(frozen=True)
@@ -113,7 +106,8 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
         tuner = tune.Tuner(
             trainable, param_space=sweep.param_space(),
             tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage,
+            # verbose=1: Tune's status table and trial ends, not every intermediate result.
+            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=1,
                                       callbacks=[page], failure_config=sweep.failure_config()))
     grid = tuner.fit()
     return _summarise(sweep, prepared, grid)
@@ -125,7 +119,8 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     from composeae.sweep import best_config_yaml
     from composeae.train import checkpoint_dir_name
 
-    results = [r for r in grid if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe]
+    results = [r for r in grid
+               if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe]
     if not results:
         raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
     sign = 1 if sweep.mode == "max" else -1
@@ -133,6 +128,8 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     def best_row(result):
         frame = result.metrics_dataframe.dropna(subset=[sweep.metric])
         return frame.loc[(sign * frame[sweep.metric]).idxmax()]
+
+    _write_hparams(sweep, results, best_row)
 
     best = max(results, key=lambda r: sign * best_row(r)[sweep.metric])
     row = best_row(best)
@@ -166,6 +163,24 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     storage.write_text(storage.join(sweep.experiment_url, "best.json"),
                        json.dumps(summary.__dict__, indent=2, default=str) + "\n")
     return summary
+
+
+def _write_hparams(sweep: Sweep, results, best_row) -> None:
+    """One TensorBoard HParams entry per trial that reported: its parameters beside the
+    validation recall of its best evaluation (and test recall when it ran to the end)."""
+    from composeae.data import storage
+    from composeae.tblog import write_hparams
+
+    for result in results:
+        row = best_row(result)
+        metrics = {k: float(row[k]) for k in row.index
+                   if k.startswith("val/") and _finite(row[k])}
+        metrics |= {k: float(v) for k, v in result.metrics.items()
+                    if k.startswith("test/") and _finite(v)}
+        metrics["stopped_early"] = float(_status(result) == "stopped")
+        write_hparams(storage.join(sweep.experiment_url, "hparams"),
+                      {k: _plain(result.config[k]) for k in sweep.space}, metrics,
+                      run_name=result.metrics["trial_id"], step=int(row["step"]))
 
 
 def _status(result) -> str:
