@@ -65,6 +65,8 @@ class SweepSummary:
     finished: int
     stopped_early: int
     errored: int
+    trial_seconds: float
+    """Training time summed over trials (what the sweep cost in trial-seconds)."""
     best_trial: str
     best_params: dict[str, Any]
     best_val: dict[str, float]
@@ -158,6 +160,7 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     summary = SweepSummary(
         url=sweep.experiment_url, trials=len(statuses), finished=statuses.count("finished"),
         stopped_early=statuses.count("stopped"), errored=statuses.count("error"),
+        trial_seconds=sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in grid),
         best_trial=trial_id, best_params=params, best_val=val, best_test=test,
         best_checkpoint=checkpoint, best_yaml=best_yaml)
     storage.write_text(storage.join(sweep.experiment_url, "best.json"),
