@@ -417,6 +417,17 @@ class Sweep:
         return "\n".join(lines)
 
 
+def _check_integer(key: str, value: Any, minimum: int, *, nullable: bool = False,
+                   unit: str = "") -> None:
+    """One line naming the sweep key unless `value` is an integer >= minimum (or null when
+    allowed); booleans are not integers here."""
+    if value is None and nullable:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"sweep key {key} must be an integer >= {minimum}{unit}"
+                        f"{' or null' if nullable else ''}, got {value!r}")
+
+
 def _join(url: str, name: str) -> str:
     return url.rstrip("/") + "/" + name
 
@@ -554,8 +565,7 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
     space = dict(search)
 
     num_samples = raw.get("num_samples", 1)
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise UserError(f"sweep key num_samples must be an integer >= 1, got {num_samples!r}")
+    _check_integer("num_samples", num_samples, 1)
 
     metric = raw.get("metric", DEFAULT_METRIC)
     _check_metric(metric, base_cfg, space)
@@ -573,8 +583,7 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
                             f"use choice (or searcher random)")
         _require_optuna()
     seed = raw.get("seed", 0)
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise UserError(f"sweep key seed must be an integer >= 0 or null, got {seed!r}")
+    _check_integer("seed", seed, 0, nullable=True)
 
     evaluations = _max_evaluations(base_cfg, space)
     sched = _check_scheduler(scheduler, evaluations)
@@ -584,17 +593,13 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
                         f"evaluations; searching the budget needs scheduler none")
 
     max_concurrent = raw.get("max_concurrent_trials")
-    if max_concurrent is not None and (not isinstance(max_concurrent, int)
-                                       or isinstance(max_concurrent, bool) or max_concurrent < 1):
-        raise UserError(f"sweep key max_concurrent_trials must be an integer >= 1 or null, "
-                        f"got {max_concurrent!r}")
+    _check_integer("max_concurrent_trials", max_concurrent, 1, nullable=True)
     trial_cpus = raw.get("trial_cpus", 1)
     if not _is_number(trial_cpus) or not trial_cpus > 0:
         raise UserError(f"sweep key trial_cpus must be a number > 0 (fractions allowed), "
                         f"got {trial_cpus!r}")
     max_failures = raw.get("max_failures", 1)
-    if not isinstance(max_failures, int) or isinstance(max_failures, bool) or max_failures < 0:
-        raise UserError(f"sweep key max_failures must be an integer >= 0, got {max_failures!r}")
+    _check_integer("max_failures", max_failures, 0)
     storage = raw.get("storage")
     if storage is None:
         storage = base_cfg.train.storage
@@ -685,9 +690,7 @@ def _check_scheduler(raw: dict, evaluations: int) -> dict[str, Any]:
     if name not in SCHEDULERS:
         raise UserError(f"sweep key scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
     grace = raw.get("grace_period", 1)
-    if not isinstance(grace, int) or isinstance(grace, bool) or grace < 1:
-        raise UserError(f"sweep key scheduler.grace_period must be an integer >= 1 (reports), "
-                        f"got {grace!r}")
+    _check_integer("scheduler.grace_period", grace, 1, unit=" (reports)")
     factor = raw.get("reduction_factor", 2)
     if not _is_number(factor) or not factor > 1:
         raise UserError(f"sweep key scheduler.reduction_factor must be a number > 1, "

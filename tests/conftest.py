@@ -54,3 +54,15 @@ def css_tiny(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("css") / "css-synth-tiny")
     generate(url, preset="tiny", seed=0)
     return url
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A local Ray (3 logical CPUs) for one test module, started after the S3 server so its
+    workers inherit the server's endpoint and credentials. `address="local"` never joins a
+    stray cluster on the machine."""
+    import ray
+
+    ray.init(address="local", num_cpus=3)
+    yield
+    ray.shutdown()

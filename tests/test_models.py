@@ -12,8 +12,8 @@ from composeae.models.composeae import rotate
 from composeae.models.text import WordPieceTokenizer, WordTokenizer, build_tokenizer
 from composeae.registry import create_model, list_models
 
-CORPUS = ["add a red circle", "remove the blue square", "make the green triangle small",
-          "change the gray circle to yellow"]
+from fixtures_models import CORPUS, save_tiny_bert
+
 EXPECTED = {"composeae", "tirg", "concat", "realspace_concat_ae", "image_only", "text_only"}
 
 
@@ -112,18 +112,8 @@ def test_scratch_bert_text_encoder():
 
 
 def test_pretrained_bert_from_local_directory(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     # A tiny "pretrained" BERT saved with save_pretrained, as a user's local directory would be.
-    tok = WordPieceTokenizer.train(CORPUS * 5, vocab_size=100)
-    vocab = sorted(tok.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    (tmp_path / "vocab.txt").write_text("\n".join(w for w, _ in vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    torch.manual_seed(3)
-    saved = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32),
-                      add_pooling_layer=False)
-    saved.save_pretrained(tmp_path)
+    saved = save_tiny_bert(tmp_path)
 
     cfg = tiny_config("tirg", text_encoder="bert", bert_path=str(tmp_path), text_dim=16)
     tokenizer = build_tokenizer("bert", [], bert_path=str(tmp_path))

@@ -22,8 +22,7 @@ from composeae.errors import UserError
 from composeae.nodefiles import (CACHE_ENV, MissingNodeFile, check_node_files, missing_on_nodes,
                                  resolve_local)
 
-CORPUS = ["add a red circle", "remove the blue square", "make the green triangle small",
-          "change the gray circle to yellow"]
+from fixtures_models import CORPUS, save_tiny_bert
 GET_EVENT = "before-parameter-build.s3.GetObject"
 
 
@@ -209,24 +208,6 @@ def test_concurrent_processes_download_once(s3_bucket, cache):
 
 
 # --- s3:// prefixes: a save_pretrained BERT directory --------------------------------------------
-
-def save_tiny_bert(directory: Path):
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from composeae.models.text import WordPieceTokenizer
-
-    tok = WordPieceTokenizer.train(CORPUS * 5, vocab_size=100)
-    vocab = sorted(tok.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    (directory / "vocab.txt").write_text("\n".join(w for w, _ in vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
-    torch.manual_seed(3)
-    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32),
-                      add_pooling_layer=False)
-    model.save_pretrained(directory)
-    return model
-
 
 def test_bert_from_s3_prefix_builds_tokenizer_model_and_checkpoint(s3_bucket, cache, gets,
                                                                   tmp_path):

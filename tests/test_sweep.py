@@ -37,7 +37,7 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
     assert tiny.num_trials == 4 and tiny.num_samples == 2
     assert (tiny.metric, tiny.mode, tiny.scheduler, tiny.searcher) == ("val/R@1", "max", "asha",
                                                                       "random")
-    # 8 steps, an evaluation every 2: 4 evaluations, and ASHA's last rung at most at the 4th.
+    # 24 steps, an evaluation every 6: 4 evaluations, and ASHA's last rung at most at the 4th.
     assert tiny.evaluations == 4 and tiny.max_t == 4 and tiny.grace_period == 1
     assert tiny.trial_cpus == 0.1 and tiny.storage == "runs"
     assert tiny.experiment_url == "runs/tiny-sweep"
@@ -49,7 +49,7 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
         cfg = tiny.trial_config(params, name=tiny.trial_run_name("abc_00001"))
         assert isinstance(cfg, Config)
         assert cfg.model.name == params["model.name"] and cfg.loss.w_sym == params["loss.w_sym"]
-        assert cfg.train.steps == 8 and cfg.train.eval_every == 2  # `set`
+        assert cfg.train.steps == 24 and cfg.train.eval_every == 6  # `set`
         assert cfg.model.embed_dim == 32  # untouched base value
         assert cfg.train.name == "tiny-sweep-abc_00001" and cfg.train.storage == "runs"
     assert "4 trial(s)" in tiny.describe()
@@ -349,4 +349,4 @@ def test_loading_a_sweep_starts_no_ray():
 def test_page_spec(tiny):
     spec = tiny.page_spec()
     assert spec.params == tuple(tiny.space) and spec.metric == "val/R@1"
-    assert spec.planned_steps == 8 and spec.test_metric == "test/R@1"
+    assert spec.planned_steps == 24 and spec.test_metric == "test/R@1"

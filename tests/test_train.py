@@ -1,7 +1,6 @@
 """Ray Train end to end: 2 gloo workers on tiny CSS-synth, local and S3, faults, resume.
 
-One local Ray instance serves the module (started after the S3 server so its workers inherit the
-server's endpoint and credentials).
+One local Ray instance (`ray_local` in conftest.py) serves the module.
 """
 
 from __future__ import annotations
@@ -19,15 +18,6 @@ from composeae.data import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    import ray
-
-    ray.init(address="local", num_cpus=3)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from composeae.data import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    import ray
-
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
