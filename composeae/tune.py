@@ -174,6 +174,7 @@ def _write_hparams(sweep: Sweep, results, best_row) -> None:
     from composeae.data import storage
     from composeae.tblog import write_hparams
 
+    hparams = storage.join(sweep.experiment_url, "hparams")
     for result in results:
         row = best_row(result)
         metrics = {k: float(row[k]) for k in row.index
@@ -181,9 +182,13 @@ def _write_hparams(sweep: Sweep, results, best_row) -> None:
         metrics |= {k: float(v) for k, v in result.metrics.items()
                     if k.startswith("test/") and _finite(v)}
         metrics["stopped_early"] = float(_status(result) == "stopped")
-        write_hparams(storage.join(sweep.experiment_url, "hparams"),
-                      {k: _plain(result.config[k]) for k in sweep.space}, metrics,
-                      run_name=result.metrics["trial_id"], step=int(row["step"]))
+        trial = result.metrics["trial_id"]
+        # A resumed sweep summarises again: the trial's entry is replaced, not added twice.
+        old = storage.join(hparams, trial)
+        for name in storage.listdir(old):
+            storage.remove(storage.join(old, name))
+        write_hparams(hparams, {k: _plain(result.config[k]) for k in sweep.space}, metrics,
+                      run_name=trial, step=int(row["step"]))
 
 
 def _status(result) -> str:

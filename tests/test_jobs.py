@@ -53,6 +53,13 @@ def test_ray_job_submit_trains_and_writes_the_run(tmp_path):
         train_runs = _train_runs(head, "job-test") if state == "SUCCEEDED" else []
     assert state == "SUCCEEDED", logs[-3000:]
     assert "test recall of composeae" in logs
+    # The console a person reads: the worker's progress and validation tables, none of Ray's
+    # per-report lines, and the recall table with the run's URLs as the last lines.
+    assert "validation at step 3" in logs and "step 6/6" in logs
+    assert "Reporting training result" not in logs
+    tail = logs.strip().splitlines()[-5:]
+    assert tail[0].startswith("test recall of composeae")
+    assert tail[-2:] == [f"run: {runs / 'job-test'}", f"checkpoint: {runs / 'job-test' / 'final'}"]
     metrics = json.loads((runs / "job-test" / "metrics.json").read_text())
     assert metrics["step"] == 6 and 0.0 <= metrics["test/R@1"] <= 1.0
     checkpoint = torch.load(runs / "job-test" / "final" / "model.pt", weights_only=True)
