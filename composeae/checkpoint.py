@@ -11,8 +11,9 @@ A checkpoint is one `torch.save`d dict of plain values (loadable with `weights_o
     optimizer / scheduler   their state dicts when written by training
 
 Files are written under a temporary name and renamed, so a reader never sees half a checkpoint.
-A model built with a pretrained BERT directory (`model.bert_path`) needs that directory to exist
-when the checkpoint is loaded: it supplies the architecture, the weights come from the checkpoint.
+A model built with a pretrained BERT directory (`model.bert_path`, a local path or an `s3://`
+prefix cached per node) needs that directory when the checkpoint is loaded: it supplies the
+architecture, the weights come from the checkpoint.
 """
 
 from __future__ import annotations

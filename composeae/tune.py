@@ -77,23 +77,17 @@ class SweepSummary:
     best_yaml: str
 
 
-def _prepare(sweep: Sweep) -> PreparedRun:
-    from composeae.driver import prepare_run
-
-    return prepare_run(sweep.base_config())
-
-
 def run_sweep(sweep: Sweep) -> SweepSummary:
     """Run (or resume) the sweep on Ray and score its best trial on the test split."""
     import ray
     from ray import tune
 
-    from composeae.driver import check_local_paths_on_nodes, init_ray
+    from composeae.driver import check_local_paths_on_nodes, init_ray, prepare_run
     from composeae.nodefiles import check_node_files
     from composeae.sweep_page import SweepPageCallback
 
     sweep = sweep.absolute()
-    prepared = _prepare(sweep)
+    prepared = prepare_run(sweep.base_config())  # once: trials never race to build shards
     init_ray(prepared.cfg)
     check_node_files(prepared.cfg)
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url})
@@ -117,6 +111,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
 
 def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     from composeae.data import storage
+    from composeae.driver import run_url
     from composeae.evaluate import evaluate_checkpoint
     from composeae.sweep import best_config_yaml
     from composeae.train import checkpoint_dir_name
@@ -141,8 +136,6 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     final = bool(best.metrics.get("final"))
     # The best weights of the trial: its `final` checkpoint when it ran to the end, else the
     # checkpoint of its best evaluation (ASHA stopped it later).
-    from composeae.driver import run_url
-
     name = "final" if final else checkpoint_dir_name(int(row["step"]))
     checkpoint = storage.join(run_url(cfg), name)
     if final:
