@@ -76,6 +76,15 @@ def test_loss_terms_follow_the_paper_weights():
     assert torch.allclose(terms["loss"], expected)
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_model_returns_the_terms_it_declares(name: str):
+    model = build(name).train()
+    terms = model(*batch(4))
+    assert set(terms) - {"loss"} == set(model.loss_terms)
+    # Term `t` is weighted by `loss.w_<t>`: nothing else names the terms.
+    assert model.loss_weights == {t: getattr(model.loss_cfg, f"w_{t}") for t in model.loss_terms}
+
+
 def test_conjugate_is_rotation_by_minus_delta():
     g = torch.Generator().manual_seed(1)
     x, delta = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g) * 3
