@@ -13,6 +13,7 @@ Ratios: ASHA / full trial-seconds (bar <= 0.5) and the difference of best valida
 the run-to-run noise of the full search (the standard deviation over seeds).
 
     python bench/bench_tune.py [--seeds 0 1] [--samples 2] [--steps 200] [--eval-every 50]
+                               [--reduction-factor 2]
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ def run(scheduler: str, seed: int, args, storage: str) -> dict[str, float]:
     from composeae.sweep import load_sweep
     from composeae.tune import run_sweep
 
+    asha = [f"scheduler.reduction_factor={args.reduction_factor}"] if scheduler == "asha" else []
     sweep = load_sweep(SWEEP, [
         f"name=bench-{scheduler}-s{seed}", f"scheduler={scheduler}", f"seed={seed}",
         f"num_samples={args.samples}", f"storage={storage}", f"data.url={args.data}",
         f"train.steps={args.steps}", f"train.eval_every={args.eval_every}",
         "train.log_every=50", "optim.warmup_steps=10", "ray.num_workers=1",
-        "ray.cpus_per_worker=1", "trial_cpus=0.1", f"max_concurrent_trials={args.concurrent}"])
+        "ray.cpus_per_worker=1", "trial_cpus=0.1", f"max_concurrent_trials={args.concurrent}",
+        *asha])
     start = time.perf_counter()
     summary = run_sweep(sweep)
     return {"trial_s": summary.trial_seconds, "wall_s": time.perf_counter() - start,
@@ -55,6 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--concurrent", type=int, default=2, help="trials at once")
+    parser.add_argument("--reduction-factor", type=float, default=2,
+                        help="ASHA keeps 1/this of the trials at each rung (the sweep's: 2)")
     parser.add_argument("--data", default=str(ROOT / "shards" / "css-synth-small"))
     args = parser.parse_args()
 
@@ -66,7 +71,9 @@ def main() -> None:
 
     print(f"\nASHA vs full search on CSS-synth small: {4 * args.samples} trials per search "
           f"(4 families x {args.samples} draws), {args.steps} steps, evaluation every "
-          f"{args.eval_every}, 1 CPU worker per trial, {args.concurrent} at once")
+          f"{args.eval_every}, 1 CPU worker per trial, at most {args.concurrent} at once (as "
+          f"the CPUs allow); ASHA "
+          f"reduction factor {args.reduction_factor:g}")
     print(f"{'seed':>4} {'search':<6} {'trial-s':>8} {'wall-s':>7} {'stopped':>7} "
           f"{'best val R@1':>12} {'its test R@1':>12}  best family")
     for (scheduler, seed), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -84,7 +91,8 @@ def main() -> None:
     print(json.dumps({"bench": "tune", "asha_to_full_trial_seconds": round(
         statistics.median(time_ratio), 3), "val_r1_gap_points": round(statistics.median(gap), 2),
         "full_search_noise_points": round(noise, 2), "seeds": args.seeds,
-        "trials_per_search": 4 * args.samples, "steps": args.steps}))
+        "trials_per_search": 4 * args.samples, "steps": args.steps,
+        "reduction_factor": args.reduction_factor}))
 
 
 if __name__ == "__main__":
