@@ -193,7 +193,6 @@ def test_optuna_needs_its_extra(tmp_path, monkeypatch):
 
 
 def test_optuna_searcher(tmp_path):
-    pytest.importorskip("optuna")
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
