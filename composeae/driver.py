@@ -221,8 +221,12 @@ def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
     history = json.loads(storage.read_text(storage.join(final, HISTORY_FILE)))
     metrics = {k: v for k, v in result.metrics.items() if k != "final"}
     metrics["checkpoint"] = final
-    storage.write_text(storage.join(url, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    write_report(url, cfg, history, metrics)
+    text = json.dumps(metrics, indent=2) + "\n"
+    metrics_url = storage.join(url, "metrics.json")
+    # A resubmitted finished run ends with the same metrics: its files stay as they are.
+    if not storage.exists(metrics_url) or storage.read_text(metrics_url) != text:
+        storage.write_text(metrics_url, text)
+        write_report(url, cfg, history, metrics)
     return RunSummary(run_url=url, checkpoint_url=final, metrics=metrics, history=history)
 
 

@@ -215,7 +215,8 @@ def _download(url: str, objects: list[tuple[str, str, int]], entry: Path, versio
 
 def configured_node_files(cfg: "Config") -> list[tuple[str, str]]:
     """(key, value) of every node file `cfg` sets."""
-    values = {"model.image_weights": cfg.model.image_weights, "model.bert_path": cfg.model.bert_path}
+    values = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+              for key in NODE_FILE_KEYS}
     return [(key, value) for key, value in values.items() if value]
 
 
@@ -294,6 +295,13 @@ def check_node_files(cfg: "Config", timeout_s: float = 1800.0) -> None:
         raise UserError("; ".join(problems + errors))
 
 
+def _only_this_machine(nodes: list[dict]) -> bool:
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return all(n["NodeManagerAddress"] == here for n in nodes if n.get("Alive"))
+
+
 def _missing_here(paths: dict[str, str]) -> list[str]:
     return [what for what, path in paths.items()
             if not storage.is_s3(path) and not os.path.exists(path)]
@@ -309,6 +317,12 @@ def missing_on_nodes(paths: dict[str, str], timeout_s: float = 300.0) -> dict[st
     """
     if not paths:
         return {}
+    import ray
+
+    if ray.is_initialized() and _only_this_machine(ray.nodes()):
+        # The embedded Ray (or a one-node cluster here): this process sees what the node sees,
+        # so no task needs to start.
+        return {what: [node_name()] for what in _missing_here(dict(paths))}
     by_node, errors = _on_every_node(_missing_here, dict(paths), timeout_s)
     if errors:
         raise UserError("; ".join(errors))

@@ -180,7 +180,6 @@ class SweepState:
             rec = self.trials[trial_id] = {
                 "status": PENDING, "params": {}, "family": None, "evals": {},
                 "last_step": None, "final": False, "test": {}, "samples_seen": None,
-                "order": len(self.trials),
             }
         return rec
 
@@ -266,7 +265,7 @@ class SweepState:
         return a > b if self.spec.mode == "max" else a < b
 
     def rows(self) -> list[TrialRow]:
-        """One row per trial, best first; trials without a value yet last, in arrival order."""
+        """One row per trial, best first; trials without a value yet last, by trial id."""
         spec = self.spec
         rows = []
         for tid, rec in self.trials.items():
@@ -291,10 +290,11 @@ class SweepState:
                 stopped_early=rec["status"] == TERMINATED and not finished,
                 test=rec["test"].get(spec.test_metric) if spec.test_metric else None,
                 samples_seen=rec["samples_seen"], curve=curve))
-        order = {tid: rec["order"] for tid, rec in self.trials.items()}
+        # Ties go to the lowest trial id, as the sweep driver names its best (trial ids number
+        # trials in the order Tune created them, whatever order a restored sweep reports in).
         sign = -1.0 if spec.mode == "max" else 1.0
         rows.sort(key=lambda r: (r.best is None, sign * r.best if r.best is not None else 0.0,
-                                 order[r.trial_id]))
+                                 r.trial_id))
         if rows and rows[0].best is not None:
             rows[0] = replace(rows[0], is_best=True)
         return rows

@@ -47,6 +47,8 @@ class TrainState:
     """Times a worker group restarted from a checkpoint (after a failure or a resubmission)."""
     finished: bool = False
     """Set in the `final` checkpoint: a run restored from it has nothing left to do."""
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    """The final report's metrics, so a resubmitted finished run can hand them on again."""
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -220,9 +222,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state, best_model = _restore(model, optimizer, scheduler)
     if state.finished:
         # Every rank restored the same `final` checkpoint. Reporting it again would register a
-        # second entry for the same folder, and trimming the older entry deletes it.
+        # second entry for the same folder, and trimming the older entry deletes it. Its metrics
+        # alone are reported (no checkpoint: nothing to register or trim), so a caller listening
+        # to reports (a Tune trial restarted after its run finished) still gets the final result.
         if rank == 0:
             _say(f"run {cfg.train.name} is already finished (step {state.step}); nothing to do")
+        if state.final_metrics:
+            ray.train.report(state.final_metrics)
         return
     if state.step:
         _say(f"rank {rank}: resumed at step {state.step}")
@@ -295,5 +301,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final |= {k: v for k, v in best_row.items() if k.startswith("val/")}
     progress.scalars(state.step, {k: v for k, v in final.items() if k.startswith("test/")})
     progress.close()
-    state.finished = True
+    state.finished, state.final_metrics = True, final
     _report(final, snapshot(final_weights, None) if rank == 0 else None, rank, FINAL_CHECKPOINT)

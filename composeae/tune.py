@@ -116,8 +116,11 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     from composeae.sweep import best_config_yaml
     from composeae.train import checkpoint_dir_name
 
-    results = [r for r in grid
-               if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe]
+    # In trial-id order, so that of trials tied on the metric the same one is named best
+    # whatever order a restored sweep lists them in.
+    results = sorted((r for r in grid
+                      if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe),
+                     key=lambda r: r.metrics["trial_id"])
     if not results:
         raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
     sign = 1 if sweep.mode == "max" else -1

@@ -5,6 +5,7 @@ training its completed trials again (local storage; each `composeae tune` starts
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -41,30 +42,63 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     try:
         first = _tune(tmp_path, ray_tmp)
         deadline = time.monotonic() + 420
-        while not _finished_runs(sweep) and first.poll() is None and time.monotonic() < deadline:
+        # Interrupt once Tune's saved experiment state records a finished trial (Tune saves it
+        # every 10 s or more, so a trial that ends just before a kill is restarted on resume).
+        while not _saved_finished(sweep) and first.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(1)
-        assert _finished_runs(sweep), "no trial finished in time"
-        time.sleep(10)  # Tune saves its experiment state every few seconds: let it record that
+        assert _saved_finished(sweep), "no trial finished in time"
         assert first.poll() is None, "the sweep ended before it could be interrupted"
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything in its session
         first.wait()
         kill_processes_naming(ray_tmp)
-        before = _finished_runs(sweep)
+        before = _saved_finished(sweep)
         rows_before = {name: _progress_rows(sweep, name) for name in before}
 
         second = _tune(tmp_path, ray_tmp)
         out, _ = second.communicate(timeout=600)
         assert second.returncode == 0, out[-4000:]
+        after = _finished_runs(sweep)
+        rows_after = {name: _progress_rows(sweep, name) for name in after}
+
+        # Once more on the finished sweep: it is restored, trains nothing, names the same best.
+        third = _tune(tmp_path, ray_tmp)
+        again, _ = third.communicate(timeout=600)
+        assert third.returncode == 0, again[-4000:]
     finally:
         kill_processes_naming(ray_tmp)
     assert "4 trials:" in out and "best trial" in out
-    after = _finished_runs(sweep)
     # Trials that had finished were not trained again: their runs were left as they were, and
     # Tune recorded no new result for them.
     for name, mtime in before.items():
         assert after[name] == mtime, name
         assert _progress_rows(sweep, name) == rows_before[name], name
     assert (sweep / "best.yaml").is_file() and (sweep / "summary.html").is_file()
+    best = [line for line in out.splitlines() if line.startswith("best trial")]
+    assert best and best == [line for line in again.splitlines() if line.startswith("best trial")]
+    assert _finished_runs(sweep) == after
+    assert {name: _progress_rows(sweep, name) for name in after} == rows_after
+
+
+def _saved_terminated(sweep: Path) -> set[str]:
+    """Trial ids that Tune's last saved experiment state records as TERMINATED."""
+    done = set()
+    for path in sweep.glob("experiment_state-*.json"):
+        try:
+            trials = json.loads(path.read_text())["trial_data"]
+        except (OSError, ValueError, KeyError):
+            continue  # being rewritten
+        done |= {t["trial_id"] for t in map(lambda d: json.loads(d[0]), trials)
+                 if t.get("status") == "TERMINATED"}
+    return done
+
+
+def _saved_finished(sweep: Path) -> dict[str, float]:
+    """Like `_finished_runs`, for the trials whose end Tune's saved state records (trials that
+    ASHA stopped are TERMINATED too, but their runs never finish)."""
+    done = _saved_terminated(sweep)
+    return {name: mtime for name, mtime in _finished_runs(sweep).items()
+            if name.removeprefix("tiny-sweep-") in done}
 
 
 def _progress_rows(sweep: Path, run_name: str) -> int:
