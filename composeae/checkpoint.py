@@ -31,7 +31,7 @@ from composeae.config import Config, config_from_dict, config_to_dict, replace
 from composeae.distributed import unwrap
 from composeae.errors import UserError
 from composeae.models.text import tokenizer_from_state
-from composeae.registry import create_model
+from composeae.zoo import create_model
 
 CHECKPOINT_FORMAT = 1
 MODEL_FILE = "model.pt"

@@ -14,7 +14,7 @@ from composeae.errors import UserError
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from composeae.registry import describe_models
+    from composeae.zoo import describe_models
 
     for name, summary in describe_models().items():
         print(f"{name:<22} {summary}")

@@ -155,7 +155,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     """Check the experiment, make its paths absolute, build CSS-synth if asked, read the corpus
     and build the tokenizer. Once per experiment or sweep, before Ray starts any trial."""
     from composeae.data.stream import has_split, load_corpus
-    from composeae.registry import model_class
+    from composeae.zoo import model_class
 
     model_class(cfg.model.name)  # an unknown model fails here, before anything is written
     cfg = _prepare_data(absolute_paths(cfg))
@@ -174,7 +174,7 @@ def build_trainer(prepared: PreparedRun, cfg: Config | None = None,
     from ray.train.torch import TorchTrainer
 
     from composeae.data import storage
-    from composeae.registry import model_class
+    from composeae.zoo import model_class
     from composeae.train import train_loop_per_worker
 
     cfg = absolute_paths(cfg or prepared.cfg)

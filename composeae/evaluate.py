@@ -109,21 +109,27 @@ def _eval_worker(config: dict) -> None:
     from composeae.config import config_from_dict
 
     ctx = ray.train.get_context()
-    model, _ = model_from_checkpoint(load_checkpoint(config["checkpoint"]))
     device = ray.train.torch.get_device()
-    model.to(device)
     cfg = config_from_dict(config["cfg"])
-    metrics = evaluate(model, cfg.data, config["split"], cfg.eval, rank=ctx.get_world_rank(),
-                       world_size=ctx.get_world_size(), device=device, precision=cfg.train.precision)
+    tables = []
+    for checkpoint in config["checkpoints"]:
+        model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
+        model.to(device)
+        tables.append(evaluate(model, cfg.data, config["split"], cfg.eval,
+                               rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                               device=device, precision=cfg.train.precision))
+        del model
     if ctx.get_world_rank() == 0:
-        # Every rank holds the same table; rank 0's travels back through Ray, wherever it runs.
-        ray.get(config["box"].put.remote(metrics))
+        # Every rank holds the same tables; rank 0's travel back through Ray, wherever it runs.
+        ray.get(config["box"].put.remote(tables))
 
 
-def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
-                        num_workers: int | None = None) -> dict[str, float]:
-    """Recall of a checkpoint on `data_url`'s `split`, computed by Ray Train workers; returns
-    {"<split>/R@K": value}. Prints nothing (the command line prints the table)."""
+def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = "test",
+                         num_workers: int | None = None) -> list[dict[str, float]]:
+    """Recall of each checkpoint on `data_url`'s `split`, in one Ray Train job (the same workers,
+    shards and evaluation settings for all, so tables compare like with like); returns one
+    {"<split>/R@K": value} per checkpoint. The first checkpoint's config sets the evaluation
+    settings and workers. Prints nothing (the command line prints the tables)."""
     import tempfile
     import uuid
 
@@ -138,18 +144,20 @@ def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
                                   init_ray, result_box)
     from composeae.errors import UserError
 
-    checkpoint = absolute_url(checkpoint)
-    cfg: Config = config_from_dict(load_checkpoint(checkpoint)["config"])
+    checkpoints = [absolute_url(c) for c in checkpoints]
+    cfg: Config = config_from_dict(load_checkpoint(checkpoints[0])["config"])
     cfg = absolute_paths(replace(cfg, data={"url": data_url}))
     if not has_split(cfg.data, split):
         raise UserError(f"dataset {data_url} has no split {split!r}")
     init_ray(cfg)
-    check_local_paths_on_nodes({"--checkpoint": checkpoint, "--data": cfg.data.url})
+    names = (["--checkpoint"] if len(checkpoints) == 1
+             else [f"checkpoint {i + 1}" for i in range(len(checkpoints))])
+    check_local_paths_on_nodes({"--data": cfg.data.url} | dict(zip(names, checkpoints)))
     box = result_box()
     with tempfile.TemporaryDirectory() as tmp:
         TorchTrainer(
             _eval_worker,
-            train_loop_config={"checkpoint": checkpoint, "cfg": config_to_dict(cfg),
+            train_loop_config={"checkpoints": checkpoints, "cfg": config_to_dict(cfg),
                                "split": split, "box": box},
             scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers,
                                          use_gpu=cfg.ray.use_gpu,
@@ -157,6 +165,12 @@ def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
             # Nothing is checkpointed: the storage only holds Ray's own run bookkeeping.
             run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp),
         ).fit()
-    metrics = ray.get(box.get.remote())
+    tables = ray.get(box.get.remote())
     ray.kill(box)
-    return {f"{split}/{k}": v for k, v in metrics.items()}
+    return [{f"{split}/{k}": v for k, v in t.items()} for t in tables]
+
+
+def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
+                        num_workers: int | None = None) -> dict[str, float]:
+    """`evaluate_checkpoints` for one checkpoint: `composeae eval`."""
+    return evaluate_checkpoints([checkpoint], data_url, split=split, num_workers=num_workers)[0]

@@ -441,11 +441,11 @@ def _require_optuna() -> None:
 
 
 def _checked_config(base: Path, overrides: list[str], check_model: bool = True) -> Config:
-    """`load_config` plus the model-name check that the registry makes when a model is built."""
+    """`load_config` plus the model-name check that the model zoo makes when a model is built."""
     cfg = load_config(base, overrides)
     if not check_model:
         return cfg
-    from composeae.registry import list_models  # late: importing the models imports torch
+    from composeae.zoo import list_models  # late: importing the models imports torch
 
     if cfg.model.name not in list_models():
         raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "

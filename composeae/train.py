@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from composeae.data.stream import TrainStream, has_split
     from composeae.models.text import tokenizer_from_state
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
 
     _quiet_ray_reports()
     cfg = config_from_dict(config["cfg"])

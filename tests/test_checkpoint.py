@@ -10,7 +10,7 @@ from composeae.checkpoint import (checkpoint_state, load_checkpoint, model_from_
 from composeae.config import Config, replace
 from composeae.errors import UserError
 from composeae.models.text import build_tokenizer
-from composeae.registry import create_model
+from composeae.zoo import create_model
 
 CORPUS = ["add a red circle", "remove the blue square", "make it small"]
 

@@ -62,7 +62,7 @@ def test_errors_name_the_key(tmp_path, text, overrides, needle):
 
 
 def test_unknown_model_is_named_where_models_are_created():
-    from composeae.registry import model_class
+    from composeae.zoo import model_class
 
     cfg = load_config(None, ["model.name=resnet_magic"])  # the config tree knows no model zoo
     with pytest.raises(UserError) as err:
@@ -112,7 +112,7 @@ def test_cluster_profile_moves_stores_to_s3():
         load_config(tiny, ["ray.profile=moon"])
 
 
-def test_models_command_lists_the_registry(capsys):
+def test_models_command_lists_the_zoo(capsys):
     from composeae.cli import main
 
     assert main(["models"]) == 0

@@ -10,7 +10,7 @@ import torch
 from composeae.config import Config, replace
 from composeae.models.composeae import rotate
 from composeae.models.text import WordPieceTokenizer, WordTokenizer, build_tokenizer
-from composeae.registry import create_model, list_models
+from composeae.zoo import create_model, list_models
 
 from fixtures_models import CORPUS, save_tiny_bert
 
@@ -34,7 +34,7 @@ def batch(n: int, size: int = 32) -> tuple[torch.Tensor, list[str], torch.Tensor
     return torch.randn(n, 3, size, size, generator=g), texts, torch.randn(n, 3, size, size, generator=g)
 
 
-def test_registry_lists_every_model():
+def test_zoo_lists_every_model():
     assert EXPECTED <= set(list_models())
 
 

@@ -84,7 +84,7 @@ def test_resnet_weights_from_s3_download_once(s3_bucket, cache, gets, tmp_path):
     import torch
     import torchvision
 
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
     from composeae.models.text import WordTokenizer
 
     torch.manual_seed(5)
@@ -215,7 +215,7 @@ def test_bert_from_s3_prefix_builds_tokenizer_model_and_checkpoint(s3_bucket, ca
 
     from composeae.checkpoint import checkpoint_state, model_from_checkpoint
     from composeae.models.text import build_tokenizer
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
 
     local = tmp_path / "bert"
     local.mkdir()

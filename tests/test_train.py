@@ -38,7 +38,7 @@ def untrained_recall(cfg) -> dict[str, float]:
     from composeae.data.stream import load_corpus
     from composeae.evaluate import evaluate
     from composeae.models.text import build_tokenizer
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights the workers start from
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))

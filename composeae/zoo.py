@@ -1,4 +1,4 @@
-"""The model registry: names map to model classes, so no code branches on a model's name.
+"""The model zoo: architecture names map to model classes, so no code branches on a model's name.
 
     @register_model("tirg")
     class TIRG(RetrievalModel): ...
