@@ -131,7 +131,7 @@ def build(model_name: str, row: Row, tokenizer, device: torch.device, steps: int
 
     from composeae.config import load_config
     from composeae.optim import build_optimizer, build_scheduler
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
 
     # The optimizer css-synth-full.yaml trains with; its groups come from the unwrapped model.
     cfg = load_config(None, [f"model.name={model_name}", f"model.image_encoder={row.image_encoder}",

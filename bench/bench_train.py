@@ -39,7 +39,7 @@ def _model_and_optimizer(cfg):
     from composeae.data.stream import load_corpus
     from composeae.models.text import build_tokenizer
     from composeae.optim import build_optimizer, build_scheduler
-    from composeae.registry import create_model
+    from composeae.zoo import create_model
 
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))
