@@ -302,13 +302,15 @@ def _image_id(split: str, group: int, variant: int) -> str:
     return f"{split}-s{group:05d}-v{variant:02d}"
 
 
-def _triplets(groups: list[Group], image_size: int) -> Iterator[dict]:
-    split = schema.TRAIN_SPLIT
+def train_samples(groups: list[Group], image_size: int,
+                  id_prefix: str = schema.TRAIN_SPLIT) -> Iterator[dict]:
+    """The training samples of `groups`; image ids start with `id_prefix` (a day's slice uses
+    its own, so appended ids never collide with the original ones)."""
     for g, group in enumerate(groups):
         reference = render(group.source, image_size)
         for v, variant in enumerate(group.variants, start=1):
             meta = TripletMeta(
-                reference_id=_image_id(split, g, 0), target_id=_image_id(split, g, v),
+                reference_id=_image_id(id_prefix, g, 0), target_id=_image_id(id_prefix, g, v),
                 modifier=variant.modifier, complete=describe(variant.scene),
                 target_label=label(variant.scene))
             yield triplet_sample(meta.target_id, reference, "png",
@@ -343,7 +345,7 @@ def generate(out_url: str, preset: str = "small", seed: int = 0, image_size: int
     if seed < 0:
         raise UserError(f"CSS-synth seed must be >= 0, got {seed}")
     plans = plan(preset, seed)
-    splits = {schema.TRAIN_SPLIT: {"triplets": _triplets(plans[schema.TRAIN_SPLIT], image_size)}}
+    splits = {schema.TRAIN_SPLIT: {"triplets": train_samples(plans[schema.TRAIN_SPLIT], image_size)}}
     for split in schema.EVAL_SPLITS:
         splits[split] = {
             "queries": _queries(split, plans[split], p.queries_per_source, image_size),
@@ -361,3 +363,28 @@ def generate(out_url: str, preset: str = "small", seed: int = 0, image_size: int
     }
     log.info("generating CSS-synth %s (seed %d) at %s", preset, seed, out_url)
     return write_dataset(out_url, f"css-synth-{preset}", splits, params, shard_size=p.shard_size)
+
+
+def day_plan(preset: str, seed: int, day: str, sources: int) -> list[Group]:
+    """A day's new training groups (the nightly stand-in for a day's new catalogue): seeded by
+    (seed, day), in distribution like the training split, and no source scene of any original
+    split, so no evaluation scene ever enters training."""
+    p = _preset(preset)
+    held = set(held_out_combinations(seed))
+
+    def in_distribution(o: Obj) -> bool:
+        return (o.shape, o.colour) not in held
+
+    used = {label(g.source) for groups in plan(preset, seed).values() for g in groups}
+    year, month, dom = (int(x) for x in day.split("-"))
+    rng = np.random.default_rng([seed, 2_000, year, month, dom])
+    groups: list[Group] = []
+    while len(groups) < sources:
+        source = _random_scene(rng, in_distribution, None)
+        if label(source) in used:
+            continue
+        group = _group(rng, source, p.queries_per_source, in_distribution)
+        if group is not None:
+            used.add(label(source))
+            groups.append(group)
+    return groups
