@@ -101,6 +101,10 @@ class ModelConfig:
     """Keep the image backbone's weights fixed."""
     dropout: float = 0.5
     """Dropout in ComposeAE's image projection eta."""
+    projection: Literal["shared", "separate"] = "shared"
+    """ComposeAE's complex projection (eta, gamma): `shared` feeds rho and rho_conv from one, as
+    the paper's figure draws it; `separate` gives each its own, as the official code does (its
+    published numbers come from that)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,9 @@ class LossConfig:
     """Batch classification in both directions (query->target and target->query)."""
     gather_negatives: bool = False
     """Use targets from every DDP rank as negatives (gradients flow to the local slice)."""
+    soft_triplet_gradient: Literal["exact", "official"] = "exact"
+    """Soft triplet backward: `official` halves the gradient as the official code's legacy
+    backward does (it drops the 2 of d|a - b|^2 / da); only to reproduce its runs."""
     w_base: float = 1.0
     """Weight of the base loss."""
     w_img_rec: float = 0.1

@@ -232,7 +232,8 @@ class _SoftTriplet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, target: Tensor, scale: Tensor, negatives: Tensor) -> Tensor:
+    def forward(ctx, query: Tensor, target: Tensor, scale: Tensor, negatives: Tensor,
+                grad_factor: float) -> Tensor:
         batch = query.shape[0]
         u = torch.cat([query, target])  # (N, D), N = 2B
         inv_norm = u.norm(dim=1, keepdim=True).clamp_min_(1e-12).reciprocal_()  # (N, 1)
@@ -246,14 +247,15 @@ class _SoftTriplet(torch.autograd.Function):
         gap = (cos.view(2, batch, m) - pos[:, None]).view(n, m)  # (N, m): u_i.u_k - u_i.u_j
         z = gap * (2 * scale * scale)
         ctx.save_for_backward(u, inv_norm, columns, gap, z, scale)
+        ctx.grad_factor = grad_factor
         return F.softplus(z).mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None, None]:
         # backward() may be called inside an autocast region; keep the products in full precision.
         with torch.autocast(device_type=grad.device.type, enabled=False):
-            return _SoftTriplet._backward(ctx, grad)
+            return *_SoftTriplet._backward(ctx, grad * ctx.grad_factor), None
 
     @staticmethod
     def _backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None]:
@@ -286,6 +288,10 @@ class _SoftTriplet(torch.autograd.Function):
         return grad_x[:batch], grad_x[batch:], grad_scale, None
 
 
+_GRADIENT_FACTORS = {"exact": 1.0, "official": 0.5}
+"""`soft_triplet_loss(gradient=...)`: the factor on the true gradient."""
+
+
 def soft_triplet_loss(
     query: Tensor,
     target: Tensor,
@@ -294,6 +300,7 @@ def soft_triplet_loss(
     generator: torch.Generator | None = None,
     scale: Tensor | float = 1.0,
     negatives: Tensor | None = None,
+    gradient: str = "exact",
 ) -> Tensor:
     """The official soft triplet loss on query (B, D) and target (B, D), vectorised.
 
@@ -304,8 +311,10 @@ def soft_triplet_loss(
     before this loss; pass that s as `scale` to reproduce them (the default 1 is the plain unit
     sphere). Inputs need not be normalised: the normalisation happens here.
 
-    Gradient: the true one. The official legacy autograd Function's backward drops the factor 2
-    of d|a - b|^2 / da, so an official run trains with half of this loss's gradient.
+    gradient: `exact` (the default) backpropagates the true gradient. The official legacy
+    autograd Function's backward drops the factor 2 of d|a - b|^2 / da, so an official run
+    trains with half of it; `official` reproduces that (every input's gradient, the scale's
+    included, is halved: the official scale reached the loss through the features).
 
     negatives: a (2B, m) table as `sample_soft_triplets` returns; sampled with `generator`
     otherwise (m = min(triplets_per_anchor, 2B - 2)). B must be at least 2. Computed in float32
@@ -320,10 +329,13 @@ def soft_triplet_loss(
     elif negatives.dim() != 2 or negatives.shape[0] != 2 * query.shape[0]:
         raise ValueError(f"negatives must be a (2B, m) table with B = {query.shape[0]}; "
                          f"got {tuple(negatives.shape)}")
+    if gradient not in _GRADIENT_FACTORS:
+        raise ValueError(f"gradient must be one of {list(_GRADIENT_FACTORS)}; got {gradient!r}")
     query, target = _full_precision(query), _full_precision(target)
     scale_t = torch.as_tensor(scale, dtype=query.dtype, device=query.device)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        return _SoftTriplet.apply(query, target, scale_t, negatives.to(query.device))
+        return _SoftTriplet.apply(query, target, scale_t, negatives.to(query.device),
+                                  _GRADIENT_FACTORS[gradient])
 
 
 # -- ComposeAE's autoencoder term ------------------------------------------------------------

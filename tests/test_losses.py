@@ -122,6 +122,27 @@ def test_official_legacy_backward_is_half_the_true_gradient():
     torch.testing.assert_close(2 * legacy, true_grad, atol=1e-10, rtol=1e-8)
 
 
+def test_official_gradient_option_is_the_legacy_backward_through_the_normalisation():
+    query, target, scale = leaves((5, 16), (5, 16), (), seed=6)
+    with torch.no_grad():
+        scale.copy_(torch.tensor(4.0))
+    table = sample_soft_triplets(5, generator=torch.Generator().manual_seed(2))
+    exact = soft_triplet_loss(query, target, scale=scale, negatives=table)
+    official = soft_triplet_loss(query, target, scale=scale, negatives=table, gradient="official")
+    assert official.item() == exact.item()  # only the backward differs
+    exact_grads = torch.autograd.grad(exact, [query, target, scale])
+    official_grads = torch.autograd.grad(official, [query, target, scale])
+    # The official run: NormalizationLayer (s x / |x|), then the legacy Function's backward.
+    features = scale * F.normalize(torch.cat([query, target]), dim=1)
+    legacy = legacy_backward_oracle(features.detach(), table)
+    expected = torch.autograd.grad(features, [query, target, scale], grad_outputs=legacy)
+    for got, want, true in zip(official_grads, expected, exact_grads):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(got, true / 2, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="gradient"):
+        soft_triplet_loss(query, target, negatives=table, gradient="half")
+
+
 @pytest.mark.parametrize("batch,per_anchor", [(2, 3), (3, 3), (8, 3), (8, 14), (8, 40)])
 def test_sampled_negatives_are_distinct_and_from_other_pairs(batch, per_anchor):
     table = sample_soft_triplets(batch, per_anchor, generator=torch.Generator().manual_seed(0))

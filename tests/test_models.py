@@ -6,15 +6,17 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from composeae.config import Config, replace
-from composeae.models.composeae import rotate
+from composeae.models.composeae import REAL_POOLED, rotate
 from composeae.models.text import WordPieceTokenizer, WordTokenizer, build_tokenizer
 from composeae.zoo import create_model, list_models
 
 from fixtures_models import CORPUS, save_tiny_bert
 
-EXPECTED = {"composeae", "tirg", "concat", "realspace_concat_ae", "image_only", "text_only"}
+EXPECTED = {"composeae", "tirg", "concat", "realspace_concat_ae", "realspace_projected_ae",
+            "image_only", "text_only"}
 
 
 def tiny_config(name: str, **model) -> Config:
@@ -142,3 +144,118 @@ def test_resnet_weights_from_local_file(tmp_path):
     model = build("tirg", image_encoder="resnet18", image_weights=str(path))
     assert torch.equal(model.image_encoder.backbone.conv1.weight, source.conv1.weight)
     assert model.embed_target(torch.randn(2, 3, 64, 64)).shape == (2, 32)
+
+
+def layer_shapes(seq: nn.Sequential) -> list:
+    """Each layer as (type name, in, out); BatchNorm as (name, features)."""
+    shapes = []
+    for layer in seq:
+        if isinstance(layer, nn.Linear):
+            shapes.append(("Linear", layer.in_features, layer.out_features))
+        elif isinstance(layer, nn.BatchNorm1d):
+            shapes.append(("BatchNorm1d", layer.num_features))
+        else:
+            shapes.append((type(layer).__name__,))
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["composeae", "realspace_concat_ae", "realspace_projected_ae"])
+def test_decoders_have_the_official_layers(name: str):
+    # embed 32, image 20, text 24: every width differs, so a swapped size shows.
+    model = build(name, image_dim=20)
+    assert layer_shapes(model.image_decoder) == [
+        ("BatchNorm1d", 32), ("ReLU",), ("Linear", 32, 20), ("ReLU",), ("Linear", 20, 20)]
+    assert layer_shapes(model.text_decoder) == [
+        ("BatchNorm1d", 32), ("ReLU",), ("Linear", 32, 24), ("ReLU",), ("Linear", 24, 24)]
+
+
+def test_separate_projections_are_distinct_and_both_train():
+    shared, separate = build("composeae"), build("composeae", projection="separate")
+    assert shared.projection_conv is None
+    conv_params = list(separate.projection_conv.parameters())
+    assert {id(p) for p in conv_params}.isdisjoint(id(p) for p in separate.projection.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_separate = sum(p.numel() for p in separate.parameters())
+    assert n_separate - n_shared == sum(p.numel() for p in conv_params)
+    for model in (shared, separate):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        terms = model(*batch(6))
+        terms["loss"].backward()
+        optimizer.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert torch.isfinite(terms["loss"])
+        projections = ["projection.eta", "projection.gamma"]
+        if model is separate:
+            projections += ["projection_conv.eta", "projection_conv.gamma"]
+        for prefix in projections:
+            assert any(n.startswith(prefix) for n in moved), prefix
+
+
+def test_realspace_concat_ae_is_the_papers_ablation():
+    model = build("realspace_concat_ae").train()
+    assert not hasattr(model, "projection")  # no eta, no gamma: raw x and q
+    joint = 32 + 24  # image_dim + text_dim
+    assert layer_shapes(model.rho) == [("BatchNorm1d", joint), ("ReLU",), ("Linear", joint, 32),
+                                       ("ReLU",), ("Linear", 32, 32)]
+    conv = model.conv[0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding) == (1, 64, (3,), (1,))
+    assert model.rho_conv[0].num_features == 64 * REAL_POOLED == 1280  # = 512 + 768 in the paper
+    x, q = torch.randn(5, 32), torch.randn(5, 24)
+    assert model.conv(torch.cat([x, q], 1).unsqueeze(1)).shape == (5, 64, REAL_POOLED)
+    assert model.compose_features(x, q).shape == (5, 32)
+    assert model.loss_terms == ("base", "img_rec", "txt_rec")
+
+
+def test_rotation_is_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 64, generator=g)
+    delta = 20 * torch.randn(4, 64, generator=g)  # large angles: bf16 rounding would show
+    want = (x.double() * torch.cos(delta.double()), x.double() * torch.sin(delta.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        re, im = rotate(x, delta)
+        naive = x.bfloat16() * torch.cos(delta.bfloat16())
+    assert re.dtype == im.dtype == torch.float32
+    torch.testing.assert_close(re.double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(im.double(), want[1], atol=1e-5, rtol=1e-5)
+    assert (naive.double() - want[0]).abs().max() > 1e-2  # what float32 avoids
+
+    # In the model: the angle comes out of gamma in float32 while eta runs in bf16.
+    model = build("composeae").train()
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)
+        return hook
+
+    model.projection.gamma.register_forward_hook(record("delta"))
+    model.projection.eta.register_forward_hook(record("x_tilde"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model(*batch(4))
+    assert seen == {"delta": torch.float32, "x_tilde": torch.bfloat16}
+    assert torch.isfinite(terms["loss"])
+
+
+def test_concat_has_tirgs_second_batchnorm():
+    model = build("concat")
+    joint = 32 + 24
+    assert layer_shapes(model.mlp) == [
+        ("BatchNorm1d", joint), ("ReLU",), ("Linear", joint, joint), ("BatchNorm1d", joint),
+        ("ReLU",), ("Dropout",), ("Linear", joint, 32)]
+
+
+def test_official_soft_triplet_gradient_reaches_the_model():
+    tokenizer = WordTokenizer.from_corpus(CORPUS)
+    grads = {}
+    for mode in ("exact", "official"):
+        cfg = replace(tiny_config("tirg"), loss={"base": "soft_triplet", "soft_triplet_gradient": mode})
+        model = create_model(cfg.model, cfg.loss, tokenizer)
+        query = torch.randn(6, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        target = torch.randn(6, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(7)  # the same sampled triplets for both
+        grads[mode] = torch.autograd.grad(model.base_loss(query, target), [query, model.scale])
+    for got, want in zip(grads["official"], grads["exact"]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want / 2)

@@ -70,7 +70,8 @@ class RetrievalModel(nn.Module):
             return batch_classification_loss(query, target, self.scale,
                                              symmetric=self.loss_cfg.symmetric,
                                              gather=self.loss_cfg.gather_negatives)
-        return soft_triplet_loss(query, target, scale=self.scale)
+        return soft_triplet_loss(query, target, scale=self.scale,
+                                 gradient=self.loss_cfg.soft_triplet_gradient)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters trained at the lower backbone learning rate."""

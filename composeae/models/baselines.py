@@ -22,8 +22,10 @@ class Concat(RetrievalModel):
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
         joint = cfg.image_dim + cfg.text_dim
+        # TIRG's Concat composer: BN, ReLU, Linear, BN, ReLU, Dropout 0.1, Linear.
         self.mlp = nn.Sequential(nn.BatchNorm1d(joint), nn.ReLU(), nn.Linear(joint, joint),
-                                 nn.ReLU(), nn.Dropout(0.1), nn.Linear(joint, cfg.embed_dim))
+                                 nn.BatchNorm1d(joint), nn.ReLU(), nn.Dropout(0.1),
+                                 nn.Linear(joint, cfg.embed_dim))
 
     def compose_features(self, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         return self.mlp(torch.cat([x, q], dim=1))
