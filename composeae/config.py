@@ -105,6 +105,11 @@ class ModelConfig:
     """ComposeAE's complex projection (eta, gamma): `shared` feeds rho and rho_conv from one, as
     the paper's figure draws it; `separate` gives each its own, as the official code does (its
     published numbers come from that)."""
+    pretrained: bool = False
+    """The config reproduces a published result: a ResNet needs `image_weights` and BERT needs
+    `bert_path`, or the run stops before any worker starts (see `allow_random_init`)."""
+    allow_random_init: bool = False
+    """Run anyway when a frozen encoder, or an encoder of a `pretrained` config, has no weights."""
 
 
 @dataclass(frozen=True)

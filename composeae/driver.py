@@ -158,6 +158,8 @@ def prepare_run(cfg: Config) -> PreparedRun:
     from composeae.zoo import model_class
 
     model_class(cfg.model.name)  # an unknown model fails here, before anything is written
+    from composeae.models.pretrained import check_pretrained
+    check_pretrained(cfg.model)  # so do random frozen or missing pretrained encoders
     cfg = _prepare_data(absolute_paths(cfg))
     if not has_split(cfg.data, cfg.eval.test_split):
         raise UserError(f"dataset {cfg.data.url} has no split {cfg.eval.test_split!r}")
