@@ -83,7 +83,23 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     _say(f"train it again: composeae train --config {summary.best_yaml}")
 
 
+def _cmd_nightly(args: argparse.Namespace) -> None:
+    from composeae.config import load_config
+    from composeae.nightly import format_comparison, run_night
+
+    night = run_night(load_config(args.config, args.set), args.date, force=args.force)
+    _release_ray()
+    if night.tables:
+        _say(format_comparison(night, "recall on the frozen split (%)"))
+    _say(f"{night.status}: {night.reason}")
+    if night.version is not None:
+        _say(f"version: {night.version['version']} ({night.version['checkpoint']})")
+    if night.report_url:
+        _say(f"report: {night.report_url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from composeae import registry_commands
     from composeae.data import commands as shard_commands
 
     parser = argparse.ArgumentParser(
@@ -107,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a sweep key (num_samples=8) or a config key "
                         "(section.key=value); repeatable")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("nightly", help="train tonight's challenger and promote it if it wins")
+    p.add_argument("--config", required=True, help="experiment YAML with a nightly section "
+                                                   "(jobs/configs/nightly.yaml)")
+    p.add_argument("--date", default=None, metavar="YYYY-MM-DD",
+                   help="the night (default: today, UTC); fixed per scheduled job so a retry "
+                        "resumes the same night")
+    p.add_argument("--force", action="store_true",
+                   help="train a challenger even when the data has not changed")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.set_defaults(func=_cmd_nightly)
+
+    registry_commands.register(sub)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: recall@K table")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (path or s3://)")

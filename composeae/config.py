@@ -56,7 +56,14 @@ class DataConfig:
     shuffle_buffer: int = 500
     """Samples held in the streaming shuffle buffer."""
     augment: bool = False
-    """Random resized crops and flips on training images (off for CSS-synth: positions matter)."""
+    """Random resized crops and flips on training images (off for CSS-synth: positions matter).
+    Otherwise, and always at evaluation: short side resized, centre crop."""
+    pairs: Literal["per_step", "fixed"] = "per_step"
+    """Training pairs of datasets stored as pairing groups (Fashion200k, MIT-States): `per_step`
+    draws each reference's target afresh at every pass, as the original samplers did; `fixed`
+    draws it once per seed. Other datasets' pairs are their annotations."""
+    open_groups: int = 32
+    """Pairing groups a loader worker draws pairs from at once (memory: their images)."""
     synth_preset: Literal["tiny", "small", "full"] = "small"
     """CSS-synth preset built when `url` holds no dataset and the config asks for synthesis."""
     synth_if_missing: bool = False
@@ -177,6 +184,9 @@ class TrainConfig:
     """Seed for weights, shuffling and dropout."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto` uses bf16 autocast on GPU and fp32 on CPU."""
+    init_from: str | None = None
+    """Checkpoint (path or `s3://`) whose weights and tokenizer start a new run: a warm start.
+    The model settings must match it; a resumed run continues from its own checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +224,31 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class NightlyConfig:
+    registry: str = "runs/registry"
+    """The model registry: a local directory or `s3://bucket/prefix`."""
+    alias: str = "champion"
+    """The alias that names the model in service; the nightly job promotes to it."""
+    split: str = "test"
+    """The frozen split both models are scored on: neither picked its weights on it, and new
+    data is only ever appended to the training split."""
+    metric: str | None = None
+    """The recall that decides promotion (default: `eval.selection_metric`)."""
+    margin: float = 0.005
+    """Promote when the challenger's metric beats the champion's by more than this (absolute;
+    0.005 is half a point of R@1). Negative accepts a small regression."""
+    warm_start: bool = True
+    """Start the challenger from the champion's weights and tokenizer; false: from scratch."""
+    new_data: Literal["none", "synth_day"] = "none"
+    """`synth_day`: append the night's seeded CSS-synth slice to the training shards first (the
+    stand-in for a day's new catalogue); `none`: whatever writes the shards appends them."""
+    day_sources: int = 50
+    """Source scenes in a CSS-synth day slice (each gives the preset's queries per source)."""
+    history_nights: int = 30
+    """Nights of the champion's metric drawn in the nightly report."""
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,6 +257,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -235,7 +271,7 @@ _POSITIVE = {
     "model.bert_vocab_size", "loss.init_scale", "optim.lr", "optim.decay_every",
     "optim.decay_factor", "train.steps", "train.batch_size", "train.eval_every",
     "train.log_every", "eval.batch_size", "eval.chunk_size", "ray.num_workers",
-    "ray.cpus_per_worker", "ray.num_to_keep",
+    "ray.cpus_per_worker", "ray.num_to_keep", "nightly.day_sources", "nightly.history_nights",
 }
 _NON_NEGATIVE = {
     "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
@@ -266,6 +302,12 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"config key eval.selection_metric={cfg.eval.selection_metric!r} is not one of "
             f"R@K for eval.ks={list(cfg.eval.ks)}")
+    if cfg.nightly.metric is not None and cfg.nightly.metric not in {f"R@{k}" for k in cfg.eval.ks}:
+        raise UserError(f"config key nightly.metric={cfg.nightly.metric!r} is not one of R@K "
+                        f"for eval.ks={list(cfg.eval.ks)}")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", cfg.nightly.alias):
+        raise UserError(f"config key nightly.alias must be a name (letters, digits, '_.-'), "
+                        f"got {cfg.nightly.alias!r}")
     if not cfg.train.name or "/" in cfg.train.name:
         raise UserError(f"config key train.name must be a non-empty name without '/', "
                         f"got {cfg.train.name!r}")
@@ -368,7 +410,7 @@ def _rebase(url: str, local_root: str, root: str) -> str:
 
 def apply_profile(raw: dict[str, Any], name: str) -> dict[str, Any]:
     """Apply profile `name` of ray_config.yaml: its `ray` values, and its shard/run roots, which
-    replace the leading `shards/` of data.url and `runs` of train.storage."""
+    replace the leading `shards/` of data.url and `runs` of train.storage and nightly.registry."""
     if name == "local" and _find_ray_config() is None:
         return raw
     path = _find_ray_config()
@@ -390,6 +432,9 @@ def apply_profile(raw: dict[str, Any], name: str) -> dict[str, Any]:
     if profile.get("runs_root"):
         train["storage"] = _rebase(train.get("storage", TrainConfig.storage), "runs",
                                    profile["runs_root"])
+        nightly = merged.setdefault("nightly", {})
+        nightly["registry"] = _rebase(nightly.get("registry", NightlyConfig.registry), "runs",
+                                      profile["runs_root"])
     return merged
 
 

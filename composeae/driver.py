@@ -62,12 +62,16 @@ def absolute_url(url: str) -> str:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with its local paths made absolute: dataset, run storage and the files every
-    worker opens (`model.image_weights`, `model.bert_path`)."""
+    """The config with its local paths made absolute: dataset, run storage, the model registry
+    and the files every worker opens (`model.image_weights`, `model.bert_path`,
+    `train.init_from`)."""
     files = {k: absolute_url(v) for k, v in (("image_weights", cfg.model.image_weights),
                                               ("bert_path", cfg.model.bert_path)) if v}
-    return replace(cfg, data={"url": absolute_url(cfg.data.url)},
-                   train={"storage": absolute_url(cfg.train.storage)}, model=files)
+    train = {"storage": absolute_url(cfg.train.storage)}
+    if cfg.train.init_from:
+        train["init_from"] = absolute_url(cfg.train.init_from)
+    return replace(cfg, data={"url": absolute_url(cfg.data.url)}, train=train, model=files,
+                   nightly={"registry": absolute_url(cfg.nightly.registry)})
 
 
 def run_url(cfg: Config) -> str:
@@ -127,7 +131,14 @@ class PreparedRun:
     def tokenizer_state(self, cfg: Config) -> dict:
         from composeae.models.text import build_tokenizer
 
-        key = (cfg.model.text_encoder, cfg.model.bert_path, cfg.model.bert_vocab_size)
+        key = (cfg.model.text_encoder, cfg.model.bert_path, cfg.model.bert_vocab_size,
+               cfg.train.init_from)
+        if key not in self.tokenizers and cfg.train.init_from:
+            # A warm start keeps the vocabulary its weights were trained with (word embeddings
+            # are rows of it); words new since then map to the unknown token.
+            from composeae.checkpoint import load_checkpoint
+
+            self.tokenizers[key] = load_checkpoint(cfg.train.init_from)["tokenizer"]
         if key not in self.tokenizers:
             self.tokenizers[key] = build_tokenizer(
                 cfg.model.text_encoder, self.corpus, bert_path=cfg.model.bert_path,
@@ -160,7 +171,7 @@ def prepare_run(cfg: Config) -> PreparedRun:
     model_class(cfg.model.name)  # an unknown model fails here, before anything is written
     from composeae.models.pretrained import check_pretrained
     check_pretrained(cfg.model)  # so do random frozen or missing pretrained encoders
-    cfg = _prepare_data(absolute_paths(cfg))
+    cfg = ensure_dataset(absolute_paths(cfg))
     if not has_split(cfg.data, cfg.eval.test_split):
         raise UserError(f"dataset {cfg.data.url} has no split {cfg.eval.test_split!r}")
     prepared = PreparedRun(cfg=cfg, corpus=load_corpus(cfg.data))
@@ -239,7 +250,9 @@ def run_training(cfg: Config | PreparedRun) -> RunSummary:
     from composeae.nodefiles import check_node_files
 
     check_node_files(prepared.cfg)
-    check_local_paths_on_nodes({"data.url": prepared.cfg.data.url})
+    check_local_paths_on_nodes({"data.url": prepared.cfg.data.url}
+                               | ({"train.init_from": prepared.cfg.train.init_from}
+                                  if prepared.cfg.train.init_from else {}))
     result = build_trainer(prepared).fit()
     return finish_run(prepared, None, result)
 
@@ -263,7 +276,7 @@ def describe(cfg: Config) -> str:
             f"worker(s); run {run_url(cfg)}")
 
 
-def _prepare_data(cfg: Config) -> Config:
+def ensure_dataset(cfg: Config) -> Config:
     """Fail early on a missing dataset, or build CSS-synth there when the config asks to."""
     from composeae.data import storage
     from composeae.data.schema import MANIFEST

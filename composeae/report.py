@@ -18,7 +18,9 @@ _NOT_LOSSES = {"step", "lr", "samples_per_s"}
 """Keys of a logged training row that are not loss terms."""
 
 
-def _figure_png(series: dict[str, tuple[list[float], list[float]]], title: str, ylabel: str) -> str:
+def figure_png(series: dict[str, tuple[list, list[float]]], title: str, ylabel: str,
+               xlabel: str = "step") -> str:
+    """A line chart as base64 PNG text (for `<img src="data:image/png;base64,...">`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,9 +28,11 @@ def _figure_png(series: dict[str, tuple[list[float], list[float]]], title: str, 
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None)
+        ax.plot(xs, ys, label=name, marker="o" if len(xs) < 40 else None)
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
+    if any(isinstance(x, str) for xs, _ in series.values() for x in xs):
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if series:
@@ -60,10 +64,10 @@ def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[st
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.2f}</td></tr>"
                    for k, v in metrics.items() if "@" in k)
     pictures = [f'<img alt="training loss" src="data:image/png;base64,'
-                f'{_figure_png(losses, "training loss", "loss")}">']
+                f'{figure_png(losses, "training loss", "loss")}">']
     if recalls:
         pictures.append(f'<img alt="validation recall" src="data:image/png;base64,'
-                        f'{_figure_png(recalls, "validation recall", "recall")}">')
+                        f'{figure_png(recalls, "validation recall", "recall")}">')
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>composeae run {html.escape(cfg.train.name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}

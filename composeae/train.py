@@ -101,6 +101,16 @@ def _restore(model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
     return train_state, best
 
 
+def _warm_start(model, url: str, rank: int) -> None:
+    """A new run starts from another run's weights (every rank loads the same ones). The
+    optimizer and schedule start afresh: the warm start is an initialisation, not a resume."""
+    from composeae.checkpoint import load_checkpoint
+
+    unwrap(model).load_state_dict(load_checkpoint(url)["model"])
+    if rank == 0:
+        _say(f"warm start from {url}")
+
+
 def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: int,
             name: str) -> None:
     """Every rank reports; rank 0 attaches the checkpoint."""
@@ -220,6 +230,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(unwrap(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     state, best_model = _restore(model, optimizer, scheduler)
+    if cfg.train.init_from and not state.resumes:
+        _warm_start(model, cfg.train.init_from, rank)
     if state.finished:
         # Every rank restored the same `final` checkpoint. Reporting it again would register a
         # second entry for the same folder, and trimming the older entry deletes it. Its metrics

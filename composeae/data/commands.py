@@ -32,6 +32,11 @@ def register(subparsers) -> None:
                             "default small")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in px (default 64)")
+    synth.add_argument("--day", metavar="YYYY-MM-DD", default=None,
+                       help="append that day's seeded new training scenes to the CSS-synth "
+                            "dataset at --out instead (what the nightly job does)")
+    synth.add_argument("--day-sources", type=int, default=50, metavar="N",
+                       help="source scenes in a --day slice (default 50)")
     synth.set_defaults(func=run_synth)
 
     convert = commands.add_parser("convert", help="convert a downloaded dataset into shards")
@@ -53,6 +58,14 @@ def register(subparsers) -> None:
 def run_synth(args: argparse.Namespace) -> None:
     from composeae.data.synth import generate  # late: keeps `composeae --help` light
 
+    if args.day is not None:
+        from composeae.data.revisions import append_synth_day
+
+        added = append_synth_day(args.out, args.day, sources=args.day_sources)
+        print(f"day {args.day}: {added} training samples appended" if added
+              else f"day {args.day} is already in the dataset: nothing appended")
+        print(format_manifest(read_manifest(args.out), args.out))
+        return
     manifest = generate(args.out, preset=args.preset, seed=args.seed, image_size=args.image_size)
     print(format_manifest(manifest, args.out))
 

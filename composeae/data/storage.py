@@ -208,6 +208,124 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write a whole object only if none exists at `url`; False when one already does.
+
+    Two writers racing for the same name: exactly one gets True. On S3 this is a conditional
+    write (`If-None-Match: *`, honoured by S3 since 2024 and by moto); locally the content is
+    written to a temp name and hard-linked into place (`link` fails when the name exists), so
+    the object appears whole or not at all.
+    """
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        try:
+            with _s3_errors(url):
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
+                                       IfNoneMatch="*")
+        except ClientError as exc:
+            # 412: the object exists; 409: a concurrent conditional write to it is in flight.
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                    "409"):
+                return False
+            raise
+        return True
+    tmp = _local_tmp_name(url)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.link(tmp, url)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
+def read_tagged(url: str) -> tuple[bytes | None, str | None]:
+    """The object's bytes and a tag for `replace_if` ((None, None) when there is none)."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        try:
+            with _s3_errors(url):
+                response = s3_client().get_object(Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            _check_bucket(url)
+            return None, None
+        return response["Body"].read(), response["ETag"]
+    try:
+        with open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    stat = os.stat(url)
+    return data, f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def replace_if(url: str, data: bytes, tag: str | None) -> bool:
+    """Compare and swap: write `data` only if the object is still the one `read_tagged` returned
+    with `tag` (None: only if there is still no object). False when someone wrote in between.
+
+    S3: `If-Match: <ETag>` / `If-None-Match: *`. Locally: under an exclusive `flock` on a
+    sibling lock file, the tag is checked and the new content renamed into place (a rename
+    gives the file a new inode, so the tag changes with every write).
+    """
+    if tag is None:
+        return create_exclusive(url, data)
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        try:
+            with _s3_errors(url):
+                s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
+                                       IfMatch=tag)
+        except FileNotFoundError:  # deleted since it was read
+            return False
+        except ClientError as exc:
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                    "409"):
+                return False
+            raise
+        return True
+    import fcntl
+
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(url)),
+                             f".{os.path.basename(url)}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_tagged(url)[1] != tag:
+            return False
+        write_bytes(url, data)
+        return True
+
+
+def list_files(url: str) -> list[str]:
+    """Relative names of every file (object) under `url`, recursively, sorted."""
+    if not is_s3(url):
+        return sorted(os.path.relpath(os.path.join(root, name), url)
+                      for root, _, names in os.walk(url) for name in names)
+    bucket, key = split_s3(url)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    names: list[str] = []
+    with _s3_errors(url):
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                          Prefix=prefix):
+            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+    return sorted(names)
+
+
+def copy_tree(src: str, dst: str, after_each=None) -> list[str]:
+    """Copy every file under `src` to the same relative names under `dst` (local or S3 on
+    either side, each file written whole); returns the relative names copied. `after_each(name)`
+    runs after each file (fault drills)."""
+    names = list_files(src)
+    for name in names:
+        write_bytes(join(dst, *name.split("/")), read_bytes(join(src, *name.split("/"))))
+        if after_each is not None:
+            after_each(name)
+    return names
+
+
 def _local_tmp_name(path: str) -> str:
     """A sibling temp name (same filesystem, so `os.replace` is atomic); creates the parent."""
     parent = os.path.dirname(os.path.abspath(path))

@@ -1,8 +1,8 @@
 """Writing a dataset: samples -> WebDataset shards + corpus + manifest, complete or absent.
 
 Writers (the CSS-synth generator, the dataset converters) build samples with `triplet_sample`,
-`query_sample` and `gallery_sample` and hand iterables of them to `write_dataset`, which owns the
-on-disk layout described in `composeae.data.schema`:
+`group_sample`, `query_sample` and `gallery_sample` and hand iterables of them to `write_dataset`,
+which owns the on-disk layout described in `composeae.data.schema`:
 
 - shards are written one at a time with `webdataset.TarWriter` into a local temp directory, with
   fixed tar headers (integer mtime 0, so no PAX record; fixed owner and mode) so equal samples
@@ -29,24 +29,19 @@ from typing import Iterable, Mapping
 import webdataset as wds
 
 from composeae.data import schema, storage
-from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
+from composeae.data.schema import GalleryMeta, GroupMeta, QueryMeta, TripletMeta
 from composeae.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Kinds each split may hold: training triplets, or an evaluation query set with its gallery.
-_SPLIT_KINDS = {schema.TRAIN_SPLIT: ("triplets",),
-                **{split: ("queries", "gallery") for split in schema.EVAL_SPLITS}}
-# Image keys each kind must carry (plus the json metadata).
-_KIND_IMAGES = {
-    "triplets": (schema.REFERENCE, schema.TARGET),
-    "queries": (schema.REFERENCE,),
-    "gallery": (schema.IMAGE,),
-}
+# Kinds each split may hold: one of these sets (training triplets or groups; an evaluation
+# query set with its gallery).
+_SPLIT_KINDS = {schema.TRAIN_SPLIT: tuple((kind,) for kind in schema.TRAIN_KINDS),
+                **{split: (schema.EVAL_KINDS,) for split in schema.EVAL_SPLITS}}
 # A WebDataset key may not contain '.', which starts the extension, nor path separators.
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
-def encode_meta(meta: TripletMeta | QueryMeta | GalleryMeta) -> bytes:
+def encode_meta(meta: TripletMeta | GroupMeta | QueryMeta | GalleryMeta) -> bytes:
     """Metadata as canonical JSON bytes (sorted keys: identical metadata, identical bytes)."""
     return json.dumps(meta.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8")
 
@@ -75,6 +70,18 @@ def triplet_sample(key: str, reference: bytes, reference_ext: str, target: bytes
     }
 
 
+def group_sample(key: str, images: list[tuple[bytes, str]], meta: GroupMeta) -> dict:
+    """One training group: its members' images as (bytes, ext) in member order, and metadata."""
+    _check_key(key)
+    if len(images) != len(meta.image_ids) or not images:
+        raise ValueError(f"group {key!r} has {len(images)} images for {len(meta.image_ids)} "
+                         f"members; a group needs at least one")
+    sample = {"__key__": key, schema.META: encode_meta(meta)}
+    for j, (data, ext) in enumerate(images):
+        sample[f"{schema.group_image_key(j)}.{_check_ext(ext)}"] = bytes(data)
+    return sample
+
+
 def query_sample(key: str, reference: bytes, reference_ext: str, meta: QueryMeta) -> dict:
     """One evaluation query: reference image, metadata with the modifier and the target label."""
     _check_key(key)
@@ -97,7 +104,8 @@ def gallery_sample(key: str, image: bytes, image_ext: str, meta: GalleryMeta) ->
 
 def _check_sample(sample: dict, split: str, kind: str) -> None:
     """Catch a sample of the wrong kind before it lands in a shard."""
-    for image in _KIND_IMAGES[kind]:
+    images = schema.KIND_IMAGES.get(kind, (schema.group_image_key(0),))
+    for image in images:
         if not any(f"{image}.{ext}" in sample for ext in schema.IMAGE_EXTS):
             raise ValueError(f"{split}/{kind} sample {sample.get('__key__')!r} has no {image}.* "
                              f"image; build it with {kind.rstrip('s')}_sample")
@@ -106,9 +114,9 @@ def _check_sample(sample: dict, split: str, kind: str) -> None:
 
 
 def _corpus_lines(sample: dict) -> list[str]:
-    """The training texts of a triplet sample (modifier and complete), one line each."""
+    """The training texts of a triplet (modifier and complete) or a group, one line each."""
     meta = json.loads(sample[schema.META])
-    texts = (meta["modifier"], meta["complete"])
+    texts = meta["texts"] if "texts" in meta else (meta["modifier"], meta["complete"])
     return [" ".join(t.split()) for t in texts if t and t.strip()]
 
 
@@ -168,7 +176,7 @@ def _write_shards(publisher: _Publisher, split: str, kind: str, samples: Iterabl
                                    mtime=0, user="composeae", group="composeae", mode=0o444)
         writer.write(sample)
         count += 1
-        if kind == "triplets":
+        if kind in schema.TRAIN_KINDS:
             corpus.extend(_corpus_lines(sample))
         if count == shard_size:
             finish()
@@ -186,9 +194,9 @@ def _check_splits(splits: Mapping[str, Mapping[str, Iterable[dict]]]) -> None:
     for split, kinds in splits.items():
         if split not in _SPLIT_KINDS:
             raise ValueError(f"unknown split {split!r}; splits are {list(_SPLIT_KINDS)}")
-        if set(kinds) != set(_SPLIT_KINDS[split]):
-            raise ValueError(f"split {split!r} must hold exactly {_SPLIT_KINDS[split]}, "
-                             f"got {sorted(kinds)}")
+        if not any(set(kinds) == set(allowed) for allowed in _SPLIT_KINDS[split]):
+            choices = " or ".join(str(allowed) for allowed in _SPLIT_KINDS[split])
+            raise ValueError(f"split {split!r} must hold exactly {choices}, got {sorted(kinds)}")
 
 
 def write_dataset(out_url: str, name: str, splits: Mapping[str, Mapping[str, Iterable[dict]]],
@@ -196,8 +204,9 @@ def write_dataset(out_url: str, name: str, splits: Mapping[str, Mapping[str, Ite
     """Write every split as shards under `out_url`, then `corpus.txt`, then `manifest.json`.
 
     `splits` maps split -> kind -> samples, e.g. `{"train": {"triplets": it}, "val":
-    {"queries": it, "gallery": it}}`. `params` (JSON-serialisable) records how the data was made.
-    Refuses to overwrite an existing dataset. Returns the manifest.
+    {"queries": it, "gallery": it}}`; the train split may hold "groups" instead. `params`
+    (JSON-serialisable) records how the data was made. Refuses to overwrite an existing dataset.
+    Returns the manifest.
     """
     if shard_size <= 0:
         raise ValueError(f"shard_size must be > 0, got {shard_size}")
@@ -259,3 +268,62 @@ def read_manifest(url: str) -> dict:
         raise UserError(f"{manifest_url} has version {manifest.get('version')!r}; this reader "
                         f"understands version {schema.MANIFEST_VERSION}")
     return manifest
+
+
+class _TaggedPublisher(_Publisher):
+    """Publishes `{split}-{kind}-{index}.tar` as `{split}-{kind}-{tag}-{index}.tar`."""
+
+    def __init__(self, out_url: str, tmp_dir: str, tag: str):
+        super().__init__(out_url, tmp_dir)
+        self.tag = tag
+
+    def tagged(self, name: str) -> str:
+        return re.sub(r"-(\d+)\.tar$", rf"-{self.tag}-\1.tar", name)
+
+    def publish(self, name: str) -> None:
+        os.replace(os.path.join(self.tmp_dir, name), os.path.join(self.tmp_dir, self.tagged(name)))
+        super().publish(self.tagged(name))
+
+
+def append_shards(url: str, split: str, kind: str, samples: Iterable[dict], *, tag: str,
+                  params: dict, shard_size: int = 1000) -> tuple[dict, int]:
+    """Append samples to one split/kind of the dataset at `url` as new shards named with `tag`
+    (e.g. `train-triplets-day20261129-000000.tar`); returns (manifest, samples added).
+
+    Complete or absent like `write_dataset`: the shards and a new corpus file (the old lines
+    plus the new texts, under a tagged name) are published first, then `manifest.json` is
+    replaced in one write. `params` is merged into the manifest's params (the record of what
+    was appended). A tag already in the manifest appends nothing: (manifest, 0).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9]+", tag):
+        raise ValueError(f"shard tag must be letters and digits, got {tag!r}")
+    manifest = read_manifest(url)
+    entry = manifest["splits"].get(split, {}).get(kind)
+    if entry is None:
+        raise UserError(f"dataset at {url} has no {split} {kind} to append to")
+    if any(f"-{tag}-" in s["name"] for s in entry["shards"]):
+        return manifest, 0
+    tmp_dir = tempfile.mkdtemp(prefix=".composeae-append-",
+                               dir=None if storage.is_s3(url) else url)
+    publisher = _TaggedPublisher(url, tmp_dir, tag)
+    try:
+        corpus = storage.read_text(storage.join(url, manifest["corpus"])).splitlines()
+        added = _write_shards(publisher, split, kind, samples, shard_size, corpus)
+        corpus_name = f"{os.path.splitext(schema.CORPUS)[0]}-{tag}.txt"
+        with open(os.path.join(tmp_dir, corpus_name), "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in corpus)
+        # The tagged publisher renames only shard names; the corpus goes out under its own.
+        _Publisher.publish(publisher, corpus_name)
+        entry["shards"] += [dict(shard, name=publisher.tagged(shard["name"]))
+                            for shard in added["shards"]]
+        entry["count"] += added["count"]
+        manifest["corpus"] = corpus_name
+        manifest["params"] = {**manifest.get("params", {}), **params}
+        storage.write_text(storage.join(url, schema.MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        publisher.undo()
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info("appended %d %s %s samples to %s", added["count"], split, kind, url)
+    return manifest, added["count"]

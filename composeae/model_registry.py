@@ -1,0 +1,260 @@
+"""The model registry: trained models as numbered versions in object storage, with aliases.
+
+Not to be confused with the model zoo (`composeae.zoo`), which maps architecture names to
+classes: this registry holds *trained* models, the nightly job's champion among them. It is a
+prefix (a local directory or `s3://bucket/prefix`), no server:
+
+    registry.json                   format marker, written once when the registry is created
+    checkpoints/<run>/model.pt ...  each version's copied checkpoint (copied before it registers)
+    versions/000001/version.json    one version, written whole by an exclusive create, never changed
+    aliases.json                    {"revision", "aliases": {"champion": 3}, "stack", "event"}
+    history/000007.json             one object per aliases revision: promote / rollback / alias
+
+A version is visible only once its `version.json` exists, and that object is written after the
+checkpoint copy completes, so an interrupted registration leaves no version and no alias moves.
+Version numbers are claimed with an exclusive create (`If-None-Match: *` on S3, a hard link
+locally): two writers racing for number N get one winner, and the loser, seeing a version of
+the same run, returns it instead of registering twice.
+
+`aliases.json` is the one mutable object. It is replaced whole by compare-and-swap (`If-Match`
+on its ETag on S3, a locked check-and-rename locally), so readers never see a torn pointer and
+two writers never lose each other's change. It carries, per alias, the stack of its earlier
+values (what `rollback` returns to) and the event of its latest revision; that event is then
+logged as `history/<revision>.json` (exclusive create), and any later writer that finds the log
+one behind writes the missing entry, so the history cannot silently lose a promotion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from composeae.data import storage
+from composeae.errors import UserError
+
+FORMAT = 1
+MARKER = "registry.json"
+ALIASES = "aliases.json"
+VERSION_FILE = "version.json"
+_ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _dumps(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """A parsed `aliases.json` and the tag that a compare-and-swap needs."""
+    revision: int
+    aliases: dict[str, int]
+    stack: dict[str, list[int]]
+    """Per alias, the versions it pointed at before, oldest first (what `rollback` pops)."""
+    event: dict[str, Any] | None
+    tag: str | None
+
+
+class ModelRegistry:
+    """A registry at `url`. `ModelRegistry.open` for one that must exist (the CLI);
+    `ModelRegistry.create` for the nightly job, which creates it on its first night."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") if storage.is_s3(url) else url
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str) -> "ModelRegistry":
+        registry = cls(url)
+        if not storage.exists(registry._path(MARKER)):
+            raise UserError(f"no model registry at {url} ({MARKER} not found); the nightly job "
+                            f"creates one on its first night")
+        registry._check_marker()
+        return registry
+
+    @classmethod
+    def create(cls, url: str) -> "ModelRegistry":
+        """Open the registry at `url`, creating it when there is none."""
+        registry = cls(url)
+        storage.create_exclusive(registry._path(MARKER),
+                                 _dumps({"format": FORMAT, "created": _now()}))
+        registry._check_marker()
+        return registry
+
+    def _check_marker(self) -> None:
+        marker = self._read_json(self._path(MARKER))
+        if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+            raise UserError(f"{self._path(MARKER)} is not a composeae model registry marker "
+                            f"(format {FORMAT})")
+
+    def _path(self, *names: str) -> str:
+        return storage.join(self.url, *names)
+
+    def _read_json(self, url: str) -> Any:
+        try:
+            return json.loads(storage.read_text(url))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{url} is corrupt (not valid JSON: {exc})") from None
+
+    # -- versions --------------------------------------------------------------------------------
+    def versions(self) -> list[int]:
+        """Registered version numbers, ascending (a number without its version.json is not)."""
+        numbers = [int(n) for n in storage.listdir(self._path("versions")) if n.isdigit()]
+        return [n for n in sorted(numbers) if storage.exists(self._version_path(n))]
+
+    def _version_path(self, number: int) -> str:
+        return self._path("versions", f"{number:06d}", VERSION_FILE)
+
+    def version(self, number: int) -> dict[str, Any]:
+        url = self._version_path(number)
+        if not storage.exists(url):
+            raise UserError(f"registry {self.url} has no version {number}")
+        return self._read_json(url)
+
+    def resolve(self, ref: str | int) -> dict[str, Any]:
+        """A version by number (`3`, `v3`) or alias (`champion`)."""
+        text = str(ref)
+        if re.fullmatch(r"v?\d+", text):
+            return self.version(int(text.lstrip("v")))
+        aliases = self.aliases().aliases
+        if text not in aliases:
+            known = ", ".join(sorted(aliases)) or "none yet"
+            raise UserError(f"registry {self.url} has no alias {text!r} (aliases: {known})")
+        return self.version(aliases[text])
+
+    def find_run(self, run_name: str) -> dict[str, Any] | None:
+        """The version registered from run `run_name`, if any (newest first)."""
+        for number in reversed(self.versions()):
+            record = self.version(number)
+            if record.get("run_name") == run_name:
+                return record
+        return None
+
+    def register(self, checkpoint_url: str, *, run_name: str, record: dict[str, Any],
+                 after_copy: Callable[[str], None] | None = None) -> tuple[dict[str, Any], bool]:
+        """Copy the checkpoint into the registry, then claim the next version number for it.
+
+        `record` adds fields (config, evaluation, data fingerprint, ...). Returns (version,
+        created): a run already registered returns its version and False, whoever registered it,
+        so a re-run night or a racing second writer never makes a second version.
+        """
+        existing = self.find_run(run_name)
+        if existing is not None:
+            return existing, False
+        copy_url = self._path("checkpoints", run_name)
+        files = storage.copy_tree(checkpoint_url, copy_url, after_each=after_copy)
+        if not files:
+            raise UserError(f"no checkpoint files under {checkpoint_url}")
+        while True:
+            number = (self.versions() or [0])[-1] + 1
+            version = dict(record, version=number, run_name=run_name, checkpoint=copy_url,
+                           source_checkpoint=checkpoint_url, registered=_now())
+            if storage.create_exclusive(self._version_path(number), _dumps(version)):
+                return version, True
+            # Someone else took this number: if it was this run, that version is ours too.
+            existing = self.find_run(run_name)
+            if existing is not None:
+                return existing, False
+
+    # -- aliases ---------------------------------------------------------------------------------
+    def aliases(self) -> Aliases:
+        url = self._path(ALIASES)
+        data, tag = storage.read_tagged(url)
+        if data is None:
+            return Aliases(revision=0, aliases={}, stack={}, event=None, tag=None)
+        try:
+            raw = json.loads(data)
+            aliases = {str(k): int(v) for k, v in raw["aliases"].items()}
+            stack = {str(k): [int(x) for x in v] for k, v in raw.get("stack", {}).items()}
+            return Aliases(revision=int(raw["revision"]), aliases=aliases, stack=stack,
+                           event=raw.get("event"), tag=tag)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{url} is corrupt ({type(exc).__name__}: {exc}); the registry's "
+                            f"history/ holds every revision to restore it from") from None
+
+    def _update(self, change: Callable[[Aliases], tuple[dict[str, int], dict[str, list[int]],
+                                                           dict[str, Any]]]) -> dict[str, Any]:
+        """Apply `change(current) -> (aliases, stack, event)` by compare-and-swap, retrying when
+        another writer got in first; then log the event. Returns the event."""
+        for _ in range(50):
+            current = self.aliases()
+            self._log_event(current)  # repair: the previous writer may have stopped before it
+            aliases, stack, event = change(current)
+            revision = current.revision + 1
+            event = dict(event, revision=revision, time=_now())
+            body = {"revision": revision, "aliases": aliases,
+                    "stack": {k: v for k, v in stack.items() if v}, "event": event}
+            if storage.replace_if(self._path(ALIASES), _dumps(body), current.tag):
+                self._log_event(Aliases(revision, aliases, stack, event, None))
+                return event
+            time.sleep(0.05)
+        raise RuntimeError(f"could not update {self._path(ALIASES)}: too many concurrent writers")
+
+    def _log_event(self, current: Aliases) -> None:
+        if current.event is not None:
+            storage.create_exclusive(self._path("history", f"{current.revision:06d}.json"),
+                                     _dumps(current.event))
+
+    def set_alias(self, name: str, number: int, *, action: str = "alias",
+                  reason: str = "") -> dict[str, Any]:
+        """Point alias `name` at version `number` (its previous value goes on its stack)."""
+        if not _ALIAS_NAME.fullmatch(name):
+            raise UserError(f"alias {name!r} must be a name (letters, digits, '_.-')")
+        self.version(number)  # an unknown version fails here, before anything is written
+
+        def change(current: Aliases):
+            aliases, stack = dict(current.aliases), {k: list(v) for k, v in current.stack.items()}
+            previous = aliases.get(name)
+            if previous is not None and previous != number:
+                stack.setdefault(name, []).append(previous)
+            aliases[name] = number
+            return aliases, stack, {"action": action, "alias": name, "version": number,
+                                    "previous": previous, "reason": reason}
+        return self._update(change)
+
+    def promote(self, number: int, *, alias: str = "champion", reason: str = "") -> dict[str, Any]:
+        return self.set_alias(alias, number, action="promote", reason=reason)
+
+    def rollback(self, alias: str = "champion", *, reason: str = "") -> dict[str, Any]:
+        """Point `alias` back at the version it held before its latest change."""
+        def change(current: Aliases):
+            if alias not in current.aliases:
+                raise UserError(f"registry {self.url} has no alias {alias!r} to roll back")
+            stack = {k: list(v) for k, v in current.stack.items()}
+            if not stack.get(alias):
+                raise UserError(f"alias {alias!r} has no earlier version to roll back to "
+                                f"(it is at version {current.aliases[alias]})")
+            aliases = dict(current.aliases)
+            previous, aliases[alias] = aliases[alias], stack[alias].pop()
+            return aliases, stack, {"action": "rollback", "alias": alias,
+                                    "version": aliases[alias], "previous": previous,
+                                    "reason": reason}
+        return self._update(change)
+
+    def delete_alias(self, name: str, *, reason: str = "") -> dict[str, Any]:
+        def change(current: Aliases):
+            if name not in current.aliases:
+                raise UserError(f"registry {self.url} has no alias {name!r}")
+            aliases = dict(current.aliases)
+            previous = aliases.pop(name)
+            stack = {k: list(v) for k, v in current.stack.items() if k != name}
+            return aliases, stack, {"action": "delete", "alias": name, "version": None,
+                                    "previous": previous, "reason": reason}
+        return self._update(change)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every logged alias event, oldest first."""
+        names = [n for n in storage.listdir(self._path("history")) if n.endswith(".json")]
+        return [self._read_json(self._path("history", n)) for n in sorted(names)]
+
+    # -- reports ---------------------------------------------------------------------------------
+    def report_url(self, name: str | None = None) -> str:
+        """The nightly reports' prefix, or one report in it."""
+        return self._path("reports", name) if name else self._path("reports")
