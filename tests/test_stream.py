@@ -267,3 +267,19 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         list(tar_members(io.BytesIO(blob[: len(blob) // 4 // 512 * 512])))
     with pytest.raises(ValueError, match="not a tar header"):
         list(tar_members(io.BytesIO(os.urandom(512) + blob[512:])))
+
+
+def test_images_keep_their_aspect_short_side_and_centre_crop():
+    from composeae.data.decode import SampleDecoder
+
+    # A 24 x 8 strip of red, green and blue squares: the centre crop is the green one; a
+    # squashing resize would blend all three.
+    strip = Image.new("RGB", (24, 8))
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        strip.paste(colour, (8 * i, 0, 8 * i + 8, 8))
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    sample = gallery_sample("k", buffer.getvalue(), "png", GalleryMeta("g", "l"))
+    pixels = SampleDecoder("gallery", 4)(sample)["image"]
+    assert pixels.shape == (4, 4, 3)
+    assert pixels[1:3, 1:3].reshape(-1, 3).tolist() == [[0, 255, 0]] * 4

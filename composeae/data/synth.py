@@ -345,11 +345,12 @@ def generate(out_url: str, preset: str = "small", seed: int = 0, image_size: int
     if seed < 0:
         raise UserError(f"CSS-synth seed must be >= 0, got {seed}")
     plans = plan(preset, seed)
-    splits = {schema.TRAIN_SPLIT: {"triplets": train_samples(plans[schema.TRAIN_SPLIT], image_size)}}
+    splits = {schema.TRAIN_SPLIT: {
+        schema.TRIPLETS: train_samples(plans[schema.TRAIN_SPLIT], image_size)}}
     for split in schema.EVAL_SPLITS:
         splits[split] = {
-            "queries": _queries(split, plans[split], p.queries_per_source, image_size),
-            "gallery": _gallery(split, plans[split], image_size),
+            schema.QUERIES: _queries(split, plans[split], p.queries_per_source, image_size),
+            schema.GALLERY: _gallery(split, plans[split], image_size),
         }
     params = {
         "generator": "css-synth",
@@ -360,6 +361,7 @@ def generate(out_url: str, preset: str = "small", seed: int = 0, image_size: int
         "distractors_per_source": p.distractors_per_source,
         "held_out": [f"{colour} {shape}" for shape, colour in held_out_combinations(seed)],
         "hit": "label",
+        schema.EXCLUDE_REFERENCE: True,
     }
     log.info("generating CSS-synth %s (seed %d) at %s", preset, seed, out_url)
     return write_dataset(out_url, f"css-synth-{preset}", splits, params, shard_size=p.shard_size)
