@@ -38,9 +38,14 @@ def write_json(path: Path, data) -> Path:
 # --- Fashion200k -------------------------------------------------------------------------------
 
 F200K_TRAIN = {
+    # "floral dress" has three children and "red dress" two: the red floral dress reaches both
+    # groups, so its target changes from pass to pass; blue floral dress has two images.
     "dress": [
         ("women/dresses/casual/1/1_0.jpeg", "red floral dress"),
         ("women/dresses/casual/2/2_0.jpeg", "blue floral dress"),
+        ("women/dresses/casual/2/2_1.jpeg", "blue floral dress"),
+        ("women/dresses/casual/8/8_0.jpeg", "green floral dress"),
+        ("women/dresses/casual/9/9_0.jpeg", "red striped dress"),
         ("women/dresses/casual/3/3_0.jpeg", "long gown. v-neck"),  # no sibling; has a '.'
     ],
     "jacket": [
@@ -72,9 +77,9 @@ F200K_QUERIES = [("women/dresses/t/10/10_0.jpeg", "women/dresses/t/11/11_0.jpeg"
 F200K_BMP_IMAGE = "women/dresses/t/12/12_0.jpeg"
 
 
-def make_fashion200k(root: Path) -> Path:
+def make_fashion200k(root: Path, train: dict = F200K_TRAIN) -> Path:
     seed = 0
-    for split, table in (("train", F200K_TRAIN), ("test", F200K_TEST)):
+    for split, table in (("train", train), ("test", F200K_TEST)):
         for category, images in table.items():
             write_lines(root / "labels" / f"{category}_{split}_detect_all.txt",
                         [f"{path}\t0.{seed + i + 1}\t{caption}" for i, (path, caption) in enumerate(images)])
@@ -100,8 +105,18 @@ MIT_DIRS = {
 }
 
 
-def make_mitstates(root: Path) -> Path:
-    for n, (folder, files) in enumerate(MIT_DIRS.items()):
+# Eight training nouns of three adjectives and two images each, plus the test nouns of MIT_DIRS:
+# enough groups for a batch to mix.
+MIT_MANY_NOUNS = {
+    **{f"{adj} {noun}": [f"{noun}_{adj}_1.jpg", f"{noun}_{adj}_2.jpg"]
+       for noun in ("apple", "bread", "car", "dog", "egg", "hat", "key", "lamp")
+       for adj in ("old", "new", "wet")},
+    **{folder: files for folder, files in MIT_DIRS.items() if folder.split()[-1] in ("fish", "glass")},
+}
+
+
+def make_mitstates(root: Path, dirs: dict = MIT_DIRS) -> Path:
+    for n, (folder, files) in enumerate(dirs.items()):
         for k, name in enumerate(files):
             save_image(root / "images" / folder / name, n + k)
     return root
@@ -138,14 +153,39 @@ FIQ_SPLITS = {
 }
 
 
-def make_fashioniq(root: Path) -> Path:
-    for n, (asin, ext) in enumerate(FIQ_ON_DISK.items()):
+def make_fashioniq(root: Path, on_disk: dict = FIQ_ON_DISK, captions: dict = FIQ_CAPTIONS,
+                   splits: dict = FIQ_SPLITS) -> Path:
+    for n, (asin, ext) in enumerate(on_disk.items()):
         save_image(root / "images" / f"{asin}.{ext}", n, "PNG" if ext == "png" else "JPEG")
-    for (category, split), entries in FIQ_CAPTIONS.items():
+    for (category, split), entries in captions.items():
         write_json(root / "captions" / f"cap.{category}.{split}.json", entries)
-    for (category, split), asins in FIQ_SPLITS.items():
+    for (category, split), asins in splits.items():
         write_json(root / "image_splits" / f"split.{category}.{split}.json", asins)
     return root
+
+
+def fashioniq_layout(train_per_category: int, val: dict[str, list[tuple[str, str]]]
+                     ) -> tuple[dict, dict, dict]:
+    """(on_disk, captions, splits) for `make_fashioniq`: `train_per_category` training triplets
+    per category (between two images of that category) and the given val (candidate, target)
+    pairs, whose images make up each category's val gallery."""
+    on_disk, captions, splits = {}, {}, {}
+    for category in ("dress", "shirt", "toptee"):
+        a, b = f"{category}-a", f"{category}-b"
+        on_disk |= {a: "jpg", b: "jpg"}
+        captions[category, "train"] = [
+            {"candidate": a, "target": b, "captions": [f"is {category} {i}", "is nice"]}
+            for i in range(train_per_category)]
+        splits[category, "train"] = [a, b]
+        pairs = val.get(category, [])
+        captions[category, "val"] = [{"candidate": c, "target": t, "captions": ["is other", "ok"]}
+                                     for c, t in pairs]
+        gallery = list(dict.fromkeys(asin for pair in pairs for asin in pair)) or [a]
+        on_disk |= {asin: "jpg" for asin in gallery}
+        splits[category, "val"] = gallery
+        captions[category, "test"] = []
+        splits[category, "test"] = []
+    return on_disk, captions, splits
 
 
 # --- CIRR --------------------------------------------------------------------------------------

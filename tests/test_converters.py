@@ -75,28 +75,37 @@ def test_missing_source_directory(tmp_path):
 
 
 def test_unknown_option_names_the_accepted_ones(tmp_path):
-    with pytest.raises(UserError, match=r"no option seed.*shard_size"):
-        run("cirr", tmp_path, tmp_path / "out", seed=3)
+    with pytest.raises(UserError, match=r"no option targets_per_reference.*shard_size, seed"):
+        run("mitstates", tmp_path, tmp_path / "out", targets_per_reference=3)
 
 
 # --- Fashion200k -------------------------------------------------------------------------------
 
 def test_fashion200k(tmp_path):
     out = tmp_path / "out"
-    manifest = run("fashion200k", fx.make_fashion200k(tmp_path / "src"), out, shard_size=3)
-    # red<->blue floral dress and black<->brown leather jacket; the white/cotton top pair has no
-    # differing word and gives no triplet; there is no val split.
-    assert counts(manifest) == {"train": {"triplets": 4}, "test": {"queries": 3, "gallery": 4}}
-    assert manifest["params"]["hits"] == "caption"
-    assert manifest["params"]["modifiable_train_images"] == 6
+    manifest = run("fashion200k", fx.make_fashion200k(tmp_path / "src"), out, shard_size=2)
+    # Train: one group per parent caption that pairs somebody: "floral dress" (red/blue/green),
+    # "leather jacket" (black/brown) and "red dress" (floral/striped). The two top captions
+    # share parents but no differing word, so their groups pair nobody and are left out.
+    assert counts(manifest) == {"train": {"groups": 3}, "test": {"queries": 3, "gallery": 4}}
+    params = manifest["params"]
+    assert params["hits"] == "caption" and params[schema.EXCLUDE_REFERENCE] is True
+    assert params["modifiable_train_images"] == 7 and params["stored_train_images"] == 8
+    assert params[schema.PAIRING] == {"rule": "fashion200k", "references": 7, "pairs_per_epoch": 7}
+    assert params["categories"] == {"train": list(fx.F200K_TRAIN), "test": list(fx.F200K_TEST)}
 
-    triplets = {(t["reference_id"], t["target_id"]): t for t in metas(out, "train", "triplets")}
-    red_to_blue = triplets["women/dresses/casual/1/1_0.jpeg", "women/dresses/casual/2/2_0.jpeg"]
-    assert red_to_blue["modifier"] == "replace red with blue"
-    assert red_to_blue["complete"] == red_to_blue["target_label"] == "blue floral dress"
-    assert triplets["women/jackets/leather/5/5_0.jpeg", "women/jackets/leather/4/4_0.jpeg"]["modifier"] \
-        == "replace brown with black"
-    assert not any("tops" in ref for ref, _ in triplets)
+    groups = {g["key"]: g for g in metas(out, "train", "groups")}
+    assert sorted(groups) == ["floral dress", "leather jacket", "red dress"]
+    floral = groups["floral dress"]
+    assert floral["captions"] == ["blue floral dress", "green floral dress", "red floral dress"]
+    assert [floral["captions"][c] for c in floral["caption_of"]] == [
+        "blue floral dress", "blue floral dress", "green floral dress", "red floral dress"]
+    # Red floral dress has two usable parents (floral dress, red dress): slot 0 of 2 here and
+    # slot 1 of 2 in "red dress"; blue and green have only this one.
+    assert floral["slots"] == [[0, 1], [0, 1], [0, 2]]
+    red = groups["red dress"]
+    assert red["slots"][red["captions"].index("red floral dress")] == [1, 2]
+    assert "replace black with brown" in groups["leather jacket"]["texts"]
 
     queries = metas(out, "test", "queries")
     gallery = metas(out, "test", "gallery")
@@ -143,31 +152,49 @@ def test_fashion200k_query_with_unknown_image_names_line(tmp_path):
         run("fashion200k", src, tmp_path / "out")
 
 
-def test_fashion200k_missing_label_file(tmp_path):
+def test_fashion200k_reads_the_categories_it_finds(tmp_path, caplog):
     src = fx.make_fashion200k(tmp_path / "src")
-    (src / "labels" / "skirt_test_detect_all.txt").unlink()
-    with pytest.raises(UserError, match=r"missing Fashion200k test label file: .*skirt_test_detect_all"):
+    for category in ("pants", "skirt"):
+        for split in ("train", "test"):
+            (src / "labels" / f"{category}_{split}_detect_all.txt").unlink()
+    (src / "labels" / "top_test_detect_all.txt").unlink()
+    with caplog.at_level(logging.INFO, logger="composeae.data.sources"):
+        manifest = run("fashion200k", src, tmp_path / "out")
+    assert manifest["params"]["categories"] == {"train": ["dress", "jacket", "top"],
+                                                "test": ["dress", "jacket"]}
+    assert "train categories dress, jacket, top; test categories dress, jacket" in caplog.text
+
+
+def test_fashion200k_without_any_label_file_of_a_split(tmp_path):
+    src = fx.make_fashion200k(tmp_path / "src")
+    for path in (src / "labels").glob("*_test_detect_all.txt"):
+        path.unlink()
+    with pytest.raises(UserError, match=r"no Fashion200k test label file in .*labels"):
         run("fashion200k", src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --- MIT-States --------------------------------------------------------------------------------
 
 def test_mitstates(tmp_path):
     out = tmp_path / "out"
-    manifest = run("mitstates", fx.make_mitstates(tmp_path / "src"), out, targets_per_reference=5)
-    # Train: 4 apple images x 2 other adjectives. Test: fish images x 1 other adjective (3) and
-    # glass images x 1 (2). The "adj apple" and "misc" folders are not used.
-    assert counts(manifest) == {"train": {"triplets": 8}, "test": {"queries": 5, "gallery": 5}}
+    manifest = run("mitstates", fx.make_mitstates(tmp_path / "src"), out)
+    # Train: one group, the noun apple (green, red x2, rotten): 4 references, 2 pairs each.
+    # Test: fish images x 1 other adjective (3) and glass images x 1 (2). The "adj apple" and
+    # "misc" folders are not used.
+    assert counts(manifest) == {"train": {"groups": 1}, "test": {"queries": 5, "gallery": 5}}
+    assert manifest["params"][schema.PAIRING] == {"rule": "mitstates", "references": 4,
+                                                  "pairs_per_epoch": 8}
     assert len(mitstates.TEST_NOUNS) == 49
 
-    triplets = metas(out, "train", "triplets")
-    for t in triplets:
-        ref_adj, ref_noun = t["reference_id"].split("/")[0].split()
-        tgt_adj, tgt_noun = t["target_id"].split("/")[0].split()
-        assert ref_noun == tgt_noun == "apple" and tgt_adj != ref_adj
-        assert t["modifier"] == tgt_adj and t["complete"] == t["target_label"] == f"{tgt_adj} apple"
-    assert {t["reference_id"] for t in triplets} == {"red apple/apple_1.jpg", "red apple/apple_2.jpg",
-                                                     "green apple/apple_3.jpg", "rotten apple/apple_4.jpg"}
+    [apple] = metas(out, "train", "groups")
+    assert apple["key"] == "apple" and apple["rule"] == "mitstates"
+    assert apple["captions"] == ["green apple", "red apple", "rotten apple"]
+    assert apple["image_ids"] == ["green apple/apple_3.jpg", "red apple/apple_1.jpg",
+                                  "red apple/apple_2.jpg", "rotten apple/apple_4.jpg"]
+    assert apple["caption_of"] == [0, 1, 1, 2] and apple["slots"] == []
+    corpus = (out / schema.CORPUS).read_text().splitlines()
+    assert {"red", "rotten apple"} <= set(corpus)
 
     queries = metas(out, "test", "queries")
     gallery = metas(out, "test", "gallery")
@@ -177,18 +204,18 @@ def test_mitstates(tmp_path):
     assert hits(old_fish[0], gallery) == ["fresh fish/fish_2.jpg", "fresh fish/fish_3.jpg"]
 
 
-def test_mitstates_pairs_are_deterministic_given_the_seed(tmp_path):
-    src = fx.make_mitstates(tmp_path / "src")
-    shas = []
-    for n, seed in enumerate((7, 7)):
-        manifest = run("mitstates", src, tmp_path / f"out{n}", seed=seed, targets_per_reference=1)
-        shas.append([s["sha256"] for s in manifest["splits"]["train"]["triplets"]["shards"]])
-    assert shas[0] == shas[1]
-
-
-def test_mitstates_rejects_zero_targets_per_reference(tmp_path):
-    with pytest.raises(UserError, match="targets_per_reference must be at least 1"):
-        run("mitstates", fx.make_mitstates(tmp_path / "src"), tmp_path / "out", targets_per_reference=0)
+def test_training_samples_are_written_in_seeded_shuffled_order(tmp_path):
+    """Annotation order is one category after another; the shards must not be."""
+    src = fx.make_fashioniq(tmp_path / "src",
+                            *fx.fashioniq_layout(12, {"dress": [("dress-a", "dress-b")]}))
+    orders = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run("fashioniq", src, tmp_path / name, seed=seed, shard_size=12)
+        orders[name] = [t["group"] + t["modifier"] for t in metas(tmp_path / name, "train", "triplets")]
+    assert orders["a"] == orders["b"] != orders["c"]
+    assert sorted(orders["a"]) == sorted(orders["c"])
+    first_shard = {t.split("Is")[0] for t in orders["a"][:12]}
+    assert first_shard == {"dress", "shirt", "toptee"}
 
 
 def test_mitstates_bad_directory_name(tmp_path):
@@ -210,6 +237,8 @@ def test_fashioniq(tmp_path, caplog):
     assert params["missing_images"] == 2
     assert params["skipped"] == {"train triplets": 1, "val queries": 1, "val gallery images": 0}
     assert "skipped 2 items" in caplog.text
+    # FashionIQ's protocols keep the reference in the ranking; the joint gallery is offered.
+    assert params[schema.EXCLUDE_REFERENCE] is False and params[schema.JOINT_GALLERY] is True
 
     dress = next(t for t in metas(out, "train", "triplets") if t["group"] == "dress")
     assert (dress["reference_id"], dress["target_id"], dress["target_label"]) == ("d1", "d2", "d2")
@@ -258,8 +287,10 @@ def test_cirr(tmp_path, images_under):
     assert counts(manifest) == {"train": {"triplets": 2}, "val": {"queries": 2, "gallery": 4}}
     assert manifest["params"]["image_root"] == (images_under or "dataset root")
 
+    assert manifest["params"][schema.EXCLUDE_REFERENCE] is True
     triplets = metas(out, "train", "triplets")
-    assert [(t["reference_id"], t["target_id"], t["modifier"], t["target_label"]) for t in triplets] == [
+    assert sorted((t["reference_id"], t["target_id"], t["modifier"], t["target_label"])
+                  for t in triplets) == [
         ("train-1-0-img0", "train-1-0-img1", "add a dog", "train-1-0-img1"),
         ("train-2-1-img0", "train-1-0-img0", "make it night", "train-1-0-img0")]
 
@@ -306,7 +337,8 @@ def test_css3d(tmp_path):
     assert counts(manifest) == {"train": {"triplets": 3}, "test": {"queries": 3, "gallery": 4}}
     assert manifest["params"]["hits"] == "label"
 
-    triplets = metas(out, "train", "triplets")
+    assert manifest["params"][schema.EXCLUDE_REFERENCE] is True
+    triplets = sorted(metas(out, "train", "triplets"), key=lambda t: (t["modifier"], t["reference_id"]))
     assert [(t["reference_id"], t["target_id"], t["modifier"]) for t in triplets] == [
         ("css_train_000000", "css_train_000001", "add blue sphere"),
         ("css_train_000002", "css_train_000001", "add blue sphere"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from composeae.data import schema
 from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
 from composeae.data.sources.common import (PlannedImage, PlannedQuery, PlannedTriplet, entry_field,
                                            file_error, json_list, plan_counts, read_json,
@@ -79,8 +80,9 @@ def image_root(src: Path, rel_path: str) -> Path:
 
 
 @register_converter(NAME)
-def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
-    """CIRR -> train triplets and val queries/gallery (id-level hits, reference excluded)."""
+def convert(src: Path, out_url: str, *, shard_size: int = 1000, seed: int = 0) -> dict:
+    """CIRR -> train triplets and val queries/gallery (id-level hits, reference excluded);
+    training triplets are written in an order shuffled with `seed`."""
     train_file, train_names = read_split(src, "train")
     val_file, val_names = read_split(src, "val")
     train_pairs = read_pairs(src, "train", train_names, train_file)
@@ -106,17 +108,20 @@ def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
     ]
     gallery = [PlannedImage(root / rel, GalleryMeta(image_id=name, label=name))
                for name, rel in val_names.items()]
-    plan = {"train": {"triplets": triplets}, "val": {"queries": queries, "gallery": gallery}}
+    plan = {schema.TRAIN_SPLIT: {schema.TRIPLETS: triplets},
+            "val": {schema.QUERIES: queries, schema.GALLERY: gallery}}
     params = {
         "converter": NAME,
         "release": RELEASE,
         "hits": "id",
         "hit_rule": "a gallery image answers a query when its name equals target_hard; "
                     "the reference image is excluded",
+        schema.EXCLUDE_REFERENCE: True,
         "splits": "train and val; test1 is not converted (no targets: evaluation-server only)",
         "complete_text": "the caption (CIRR has no complete-text query)",
         "recall_subset": "queries carry img_set members as `subset`",
         "image_root": "dataset root" if root == src else "cirr/img_raw",
+        "seed": seed,
         "counts": plan_counts(plan),
     }
-    return write_plan(out_url, NAME, plan, params, shard_size=shard_size)
+    return write_plan(out_url, NAME, plan, params, shard_size=shard_size, seed=seed)

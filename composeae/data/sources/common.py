@@ -2,10 +2,14 @@
 and turning a converter's plan into shards.
 
 A converter works in two steps. First it parses its dataset's annotation files into a *plan*:
-lists of `PlannedTriplet`, `PlannedQuery` and `PlannedImage`, each holding the schema metadata
-and the image paths it needs. Parsing reads no image, so a malformed line fails within seconds
-with a `UserError` naming the file and line. Then `write_plan` streams the plan through the shard
-writer, reading each image only when its sample is written.
+lists of `PlannedTriplet` or `PlannedGroup` (training), `PlannedQuery` and `PlannedImage`, each
+holding the schema metadata and the image paths it needs. Parsing reads no image, so a malformed
+line fails within seconds with a `UserError` naming the file and line. Then `write_plan` streams
+the plan through the shard writer, reading each image only when its sample is written.
+
+Training samples are written in an order shuffled with the converter's seed: annotation order
+(one category, noun or label file after another) would give every shard, and so every shuffle
+buffer and batch, a narrow slice of the dataset.
 
 Dataset-specific parsing and pairing rules live in the per-dataset modules, not here.
 """
@@ -16,6 +20,7 @@ import inspect
 import io
 import json
 import logging
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -25,8 +30,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
-from composeae.data.writer import gallery_sample, query_sample, triplet_sample, write_dataset
+from composeae.data import schema
+from composeae.data.schema import GalleryMeta, GroupMeta, QueryMeta, TripletMeta
+from composeae.data.writer import (gallery_sample, group_sample, query_sample, triplet_sample,
+                                   write_dataset)
 from composeae.errors import UserError
 
 log = logging.getLogger("composeae.data.sources")
@@ -218,6 +225,13 @@ class PlannedTriplet:
 
 
 @dataclass(frozen=True)
+class PlannedGroup:
+    images: tuple[Path, ...]
+    """Member j's image file, in the order of `meta.image_ids`."""
+    meta: GroupMeta
+
+
+@dataclass(frozen=True)
 class PlannedQuery:
     reference: Path
     meta: QueryMeta
@@ -230,7 +244,7 @@ class PlannedImage:
 
 
 SplitPlan = Mapping[str, Sequence[Any]]
-"""kind ("triplets", "queries", "gallery") -> planned samples of that kind."""
+"""kind (`schema.SHARD_KINDS`) -> planned samples of that kind."""
 
 # WebDataset splits a member name at its first dot to find the key, and the writer accepts only
 # these characters in a key.
@@ -259,6 +273,11 @@ def _triplet_samples(plan: Sequence[PlannedTriplet], reader: ImageReader) -> Ite
         yield triplet_sample(key, ref, ref_ext, tgt, tgt_ext, t.meta)
 
 
+def _group_samples(plan: Sequence[PlannedGroup], reader: ImageReader) -> Iterator[dict]:
+    for i, g in enumerate(plan):
+        yield group_sample(sample_key(i, g.meta.key), [reader.read(p) for p in g.images], g.meta)
+
+
 def _query_samples(plan: Sequence[PlannedQuery], reader: ImageReader) -> Iterator[dict]:
     for i, q in enumerate(plan):
         ref, ref_ext = reader.read(q.reference)
@@ -271,17 +290,22 @@ def _gallery_samples(plan: Sequence[PlannedImage], reader: ImageReader) -> Itera
         yield gallery_sample(sample_key(i, f"{g.meta.group}_{g.meta.image_id}"), img, ext, g.meta)
 
 
-_STREAMS = {"triplets": _triplet_samples, "queries": _query_samples, "gallery": _gallery_samples}
+_STREAMS = {schema.TRIPLETS: _triplet_samples, schema.GROUPS: _group_samples,
+            schema.QUERIES: _query_samples, schema.GALLERY: _gallery_samples}
 
 
 def write_plan(out_url: str, name: str, plan: Mapping[str, SplitPlan], params: dict,
-               *, shard_size: int) -> dict:
+               *, shard_size: int, seed: int) -> dict:
     """Write every split of `plan` as shards plus manifest; returns the manifest.
 
-    `params` should say how the data was converted (hit level, pairing rule, skipped items) so the
-    manifest documents it.
+    Training samples are written in an order shuffled with `seed` (see the module docstring);
+    evaluation samples in plan order. `params` should say how the data was converted (hit level,
+    pairing rule, skipped items, the seed) so the manifest documents it.
     """
     require_positive("shard_size", shard_size)
+    plan = {split: {kind: _shuffled(items, seed) if split == schema.TRAIN_SPLIT else items
+                    for kind, items in kinds.items()}
+            for split, kinds in plan.items()}
     reader = ImageReader()
     splits = {
         split: {kind: progress(_STREAMS[kind](items, reader), len(items), f"{name} {split} {kind}")
@@ -289,6 +313,12 @@ def write_plan(out_url: str, name: str, plan: Mapping[str, SplitPlan], params: d
         for split, kinds in plan.items()
     }
     return write_dataset(out_url, name, splits, params, shard_size=shard_size)
+
+
+def _shuffled(items: Sequence[Any], seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    return items
 
 
 def plan_counts(plan: Mapping[str, SplitPlan]) -> dict[str, dict[str, int]]:

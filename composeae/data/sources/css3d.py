@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from composeae.data import schema
 from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
 from composeae.data.sources.common import (PlannedImage, PlannedQuery, PlannedTriplet, file_error,
                                            plan_counts, register_converter, require_dir,
@@ -108,8 +109,9 @@ def _image_index(path: Path, where: str, value: Any, count: int) -> int:
 
 
 @register_converter(NAME)
-def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
-    """CSS3D -> train triplets and test queries/gallery (label-level hits)."""
+def convert(src: Path, out_url: str, *, shard_size: int = 1000, seed: int = 0) -> dict:
+    """CSS3D -> train triplets and test queries/gallery (label-level hits); training triplets
+    are written in an order shuffled with `seed`."""
     path = src / DATA_FILE
     data = load(src)
     images = require_dir(src / "images", "CSS3D images directory")
@@ -136,15 +138,18 @@ def convert(src: Path, out_url: str, *, shard_size: int = 1000) -> dict:
     if not triplets or not queries:
         raise UserError(f"{path}: CSS3D needs modifications in both splits "
                         f"(train pairs: {len(triplets)}, test pairs: {len(queries)})")
-    plan = {"train": {"triplets": triplets}, "test": {"queries": queries, "gallery": gallery}}
+    plan = {schema.TRAIN_SPLIT: {schema.TRIPLETS: triplets},
+            "test": {schema.QUERIES: queries, schema.GALLERY: gallery}}
     params = {
         "converter": NAME,
         "hits": "label",
         "hit_rule": "a gallery image answers a query when it shows the same scene as the target "
                     "(same label); the reference image is excluded",
+        schema.EXCLUDE_REFERENCE: True,
         "labels": "from the file's 'labels'" if "labels" in test else "canonical scene description",
         "splits": "train and test (TIRG's CSS has no validation split)",
         "complete_text": "the modifier (CSS has no captions)",
+        "seed": seed,
         "counts": plan_counts(plan),
     }
-    return write_plan(out_url, NAME, plan, params, shard_size=shard_size)
+    return write_plan(out_url, NAME, plan, params, shard_size=shard_size, seed=seed)

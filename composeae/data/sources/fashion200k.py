@@ -8,14 +8,19 @@ On disk, under the dataset root:
     women/...            the images, at the paths the label files give
 
 Rules (TIRG `datasets.py:Fashion200k`, which ComposeAE reuses):
+- The label files that exist are read (the original globbed `labels/*_{split}_detect_all.txt`,
+  so a subset of the categories is a common use); the categories found are logged and recorded
+  in the manifest. A split with no label file at all is an error.
 - Captions are post-processed: `.` -> `dotmark`, `?` -> `questionmark`, `&` -> `andmark`,
   `*` -> `starmark`.
 - A *parent* caption is a caption with one word removed. Two captions sharing a parent are
-  siblings; an image whose caption has a sibling is modifiable. A training pair goes from a
-  modifiable image to an image of a sibling caption, drawn as the original sampler did: a random
-  parent of the reference caption, a random child of it other than the reference caption, a random
-  image of that child. The original drew a new pair at every step; shards hold
-  `targets_per_reference` distinct target captions per reference image, drawn with `seed`.
+  siblings; an image whose caption has a sibling is modifiable. Training pairs are drawn at
+  every pass by the stream (`composeae.data.pairing`, rule "fashion200k"), as the original
+  sampler drew them at every step: a random parent of the reference caption, a random child of
+  it other than the reference caption, a random image of that child. The train split therefore
+  holds one *group* per parent caption with at least two children: the images of its children.
+  An image is stored in each of its caption's groups (about two on average), since a reference
+  must reach every sibling; each pass it is a reference in one of them.
 - The modifier is "replace <w_src> with <w_tgt>": the first reference word missing from the target
   caption and the first target word missing from the reference caption. The complete text is the
   target caption.
@@ -25,23 +30,28 @@ Rules (TIRG `datasets.py:Fashion200k`, which ComposeAE reuses):
 
 Deliberate differences from the original, each noted where it happens: parents remove one word
 *token* (the original removed every substring occurrence of the word, which mangles captions
-where the word occurs inside another word), and training pairs whose captions have no differing
-word are dropped (the original then fell back to the captions' last words).
+where the word occurs inside another word), and sibling captions with no differing word are not
+paired (the original then fell back to the captions' last words).
 
 Fashion200k has no validation split, so the shards hold only "train" and "test".
 """
 
 from __future__ import annotations
 
-import random
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
-from composeae.data.sources.common import (PlannedImage, PlannedQuery, PlannedTriplet, file_error,
+from composeae.data import schema
+from composeae.data.pairing import PAIRS_PER_REFERENCE, different_words, replace_text
+from composeae.data.schema import GalleryMeta, GroupMeta, QueryMeta
+from composeae.data.sources.common import (PlannedGroup, PlannedImage, PlannedQuery, file_error,
                                            plan_counts, register_converter, require_dir,
-                                           require_positive, text_lines, write_plan)
+                                           text_lines, write_plan)
+from composeae.errors import UserError
+
+log = logging.getLogger("composeae.data.sources")
 
 NAME = "fashion200k"
 CATEGORIES = ("dress", "jacket", "pants", "skirt", "top")
@@ -66,15 +76,22 @@ def label_file(src: Path, category: str, split: str) -> Path:
     return src / "labels" / f"{category}_{split}_detect_all.txt"
 
 
-def read_labels(src: Path, split: str) -> list[LabeledImage]:
-    """Every image of a split, in category order and then file order."""
+def read_labels(src: Path, split: str) -> tuple[list[LabeledImage], list[str]]:
+    """Every image of a split, in category order and then file order, and the categories whose
+    label file exists; `UserError` when none does."""
     require_dir(src / "labels", "Fashion200k labels directory")
-    images = []
+    images, found = [], []
     for category in CATEGORIES:
         path = label_file(src, category, split)
+        if not path.is_file():
+            continue
+        found.append(category)
         for number, line in text_lines(path, f"Fashion200k {split} label file"):
             images.append(_parse_label_line(path, number, line))
-    return images
+    if not found:
+        raise UserError(f"no Fashion200k {split} label file in {src / 'labels'}: expected "
+                        f"<category>_{split}_detect_all.txt for some of {', '.join(CATEGORIES)}")
+    return images, found
 
 
 def _parse_label_line(path: Path, number: int, line: str) -> LabeledImage:
@@ -91,21 +108,6 @@ def _parse_label_line(path: Path, number: int, line: str) -> LabeledImage:
     except ValueError:
         raise file_error(path, number, f"detection score {score!r} is not a number") from None
     return LabeledImage(image_path, post_process(fields[2]))
-
-
-def different_words(source: str, target: str) -> tuple[str, str] | None:
-    """(first source word not in target, first target word not in source), or None when either
-    caption has no such word."""
-    source_words, target_words = source.split(), target.split()
-    source_word = next((w for w in source_words if w not in target_words), None)
-    target_word = next((w for w in target_words if w not in source_words), None)
-    if source_word is None or target_word is None:
-        return None
-    return source_word, target_word
-
-
-def replace_text(source_word: str, target_word: str) -> str:
-    return f"replace {source_word} with {target_word}"
 
 
 def query_modifier(source: str, target: str) -> str:
@@ -125,7 +127,8 @@ def parents(caption: str) -> list[str]:
 
 
 class SiblingIndex:
-    """Parent captions with at least two children, and the images of every caption."""
+    """Parent captions with at least two children, the images of every caption, and for each
+    caption the parents under which it has a sibling one word away (its *usable* parents)."""
 
     def __init__(self, images: list[LabeledImage]) -> None:
         self.images_of: dict[str, list[int]] = defaultdict(list)
@@ -135,50 +138,45 @@ class SiblingIndex:
         for caption in self.images_of:
             for parent in parents(caption):
                 children[parent].append(caption)
-        self.children = {p: c for p, c in children.items() if len(c) >= 2}
-        self.parents_of = {c: [p for p in parents(c) if p in self.children] for c in self.images_of}
+        self.children = {p: sorted(c) for p, c in children.items() if len(c) >= 2}
+        self.usable: dict[str, list[str]] = {
+            c: [p for p in parents(c) if p in self.children and self._has_sibling(c, p)]
+            for c in self.images_of}
+
+    def _has_sibling(self, caption: str, parent: str) -> bool:
+        return any(other != caption and different_words(caption, other) is not None
+                   for other in self.children[parent])
 
     def modifiable(self, caption: str) -> bool:
-        return bool(self.parents_of[caption])
+        return bool(self.usable[caption])
 
 
-def draw_target_captions(index: SiblingIndex, caption: str, count: int, rng: random.Random) -> list[str]:
-    """Up to `count` distinct sibling captions of `caption` that differ from it by a word.
-
-    Drawn as the original sampler did (random parent, then random child); the attempt budget
-    bounds the loop for captions with few usable siblings.
-    """
-    chosen: list[str] = []
-    parent_list = index.parents_of[caption]
-    for _ in range(20 * count):
-        if len(chosen) == count:
-            break
-        child = rng.choice(index.children[rng.choice(parent_list)])
-        if child != caption and child not in chosen and different_words(caption, child) is not None:
-            chosen.append(child)
-    return chosen
-
-
-def plan_train(src: Path, images: list[LabeledImage], targets_per_reference: int,
-               seed: int) -> tuple[list[PlannedTriplet], dict]:
+def plan_train(src: Path, images: list[LabeledImage]) -> tuple[list[PlannedGroup], dict]:
+    """One group per parent caption that gives some caption a pair (see the module docstring)."""
     index = SiblingIndex(images)
-    rng = random.Random(seed)
-    triplets = []
-    references = 0
-    for reference in images:
-        if not index.modifiable(reference.caption):
-            continue
-        references += 1
-        for target_caption in draw_target_captions(index, reference.caption, targets_per_reference, rng):
-            target = images[rng.choice(index.images_of[target_caption])]
-            source_word, target_word = different_words(reference.caption, target_caption)
-            meta = TripletMeta(reference_id=reference.path, target_id=target.path,
-                               modifier=replace_text(source_word, target_word),
-                               complete=target_caption, target_label=target_caption)
-            triplets.append(PlannedTriplet(src / reference.path, src / target.path, meta))
+    groups = []
+    for parent, children in sorted(index.children.items()):
+        slots = [(index.usable[c].index(parent), len(index.usable[c]))
+                 if parent in index.usable[c] else (-1, 0) for c in children]
+        if all(slot < 0 for slot, _ in slots):
+            continue  # nobody's pair is drawn here: its images are reached through other groups
+        members = [(i, c) for c, caption in enumerate(children) for i in index.images_of[caption]]
+        texts = list(children)
+        for caption, (slot, _) in zip(children, slots):
+            sibling = next((o for o in children if o != caption
+                            and slot >= 0 and different_words(caption, o) is not None), None)
+            if sibling is not None:
+                texts.append(replace_text(*different_words(caption, sibling)))
+        meta = GroupMeta(key=parent, rule=NAME,
+                         image_ids=tuple(images[i].path for i, _ in members),
+                         captions=tuple(children), caption_of=tuple(c for _, c in members),
+                         slots=tuple(slots), texts=tuple(texts))
+        groups.append(PlannedGroup(tuple(src / images[i].path for i, _ in members), meta))
+    references = sum(len(index.images_of[c]) for c in index.images_of if index.modifiable(c))
     stats = {"train_images": len(images), "unique_train_captions": len(index.images_of),
-             "modifiable_train_images": references}
-    return triplets, stats
+             "modifiable_train_images": references,
+             "stored_train_images": sum(len(g.images) for g in groups)}
+    return groups, stats
 
 
 def plan_test(src: Path, images: list[LabeledImage]) -> tuple[list[PlannedQuery], list[PlannedImage]]:
@@ -210,25 +208,36 @@ def _test_image(by_path: dict[str, LabeledImage], path: Path, number: int, image
 
 
 @register_converter(NAME)
-def convert(src: Path, out_url: str, *, shard_size: int = 1000, targets_per_reference: int = 2,
-            seed: int = 0) -> dict:
-    """Fashion200k -> train triplets and test queries/gallery (caption-level hits)."""
-    require_positive("targets_per_reference", targets_per_reference)
-    train_images = read_labels(src, "train")
-    test_images = read_labels(src, "test")
-    triplets, stats = plan_train(src, train_images, targets_per_reference, seed)
+def convert(src: Path, out_url: str, *, shard_size: int = 100, seed: int = 0) -> dict:
+    """Fashion200k -> train pairing groups and test queries/gallery (caption-level hits).
+
+    A train shard holds `shard_size` groups (of a few to a few thousand images each)."""
+    train_images, train_categories = read_labels(src, "train")
+    test_images, test_categories = read_labels(src, "test")
+    log.info("%s: train categories %s; test categories %s", NAME, ", ".join(train_categories),
+             ", ".join(test_categories))
+    groups, stats = plan_train(src, train_images)
+    if not groups:
+        raise UserError(f"Fashion200k under {src}: no training caption has a sibling one word "
+                        f"away, so there is nothing to train on")
     queries, gallery = plan_test(src, test_images)
-    plan = {"train": {"triplets": triplets}, "test": {"queries": queries, "gallery": gallery}}
+    plan = {schema.TRAIN_SPLIT: {schema.GROUPS: groups},
+            "test": {schema.QUERIES: queries, schema.GALLERY: gallery}}
+    references = stats["modifiable_train_images"]
     params = {
         "converter": NAME,
         "hits": "caption",
         "hit_rule": "a gallery image answers a query when its caption equals the target caption",
+        schema.EXCLUDE_REFERENCE: True,
         "splits": "train and test; Fashion200k has no validation split",
-        "pairing": "sibling captions sharing a one-word-shorter parent; modifier 'replace A with B'",
+        "categories": {"train": train_categories, "test": test_categories},
+        "pairing_rule": "a sibling caption one word away (sharing a one-word-shorter parent), "
+                        "drawn at every pass; modifier 'replace A with B'",
+        schema.PAIRING: {"rule": NAME, "references": references,
+                         "pairs_per_epoch": references * PAIRS_PER_REFERENCE[NAME]},
         "complete_text": "target caption",
-        "targets_per_reference": targets_per_reference,
         "seed": seed,
         "counts": plan_counts(plan),
         **stats,
     }
-    return write_plan(out_url, NAME, plan, params, shard_size=shard_size)
+    return write_plan(out_url, NAME, plan, params, shard_size=shard_size, seed=seed)

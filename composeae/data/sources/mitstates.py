@@ -6,10 +6,12 @@ and the `adj <noun>` directories (images of the bare noun) are not used.
 Rules (TIRG `datasets.py:MITStates`, reused by ComposeAE):
 - The 49 nouns in `TEST_NOUNS` are the test split; every other noun trains.
 - A training pair goes from an image to an image of the same noun with a different adjective; the
-  modifier is the target adjective and the complete text "<target adj> <noun>". The original drew
-  a random target adjective at every step (its own adjective included); shards hold
-  `targets_per_reference` distinct other adjectives per reference image, drawn with `seed`, each
-  with a random image of that adjective and noun.
+  modifier is the target adjective and the complete text "<target adj> <noun>". Pairs are drawn
+  at every pass by the stream (`composeae.data.pairing`, rule "mitstates"), as the original drew
+  them at every step: two targets of different adjectives per reference, the two pairs in one
+  batch. The train split therefore holds one *group* per training noun with at least two
+  adjectives: all its images. Deliberate difference: the original's random target adjective
+  could be the reference's own (a "modification" to the same state); here it is always another.
 - Test queries: every test image with every other adjective of its noun. The gallery is every
   test image. Hits are caption-level ("<adj> <noun>" equals the target's), the query's own
   reference image excluded.
@@ -19,14 +21,15 @@ MIT-States has no validation split, so the shards hold only "train" and "test".
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
-from composeae.data.sources.common import (PlannedImage, PlannedQuery, PlannedTriplet, plan_counts,
-                                           register_converter, require_dir, require_positive, write_plan)
+from composeae.data import schema
+from composeae.data.pairing import PAIRS_PER_REFERENCE
+from composeae.data.schema import GalleryMeta, GroupMeta, QueryMeta
+from composeae.data.sources.common import (PlannedGroup, PlannedImage, PlannedQuery, plan_counts,
+                                           register_converter, require_dir, write_plan)
 from composeae.errors import UserError
 
 NAME = "mitstates"
@@ -94,19 +97,21 @@ class CaptionIndex:
         return [a for a in self.adjs_of[image.noun] if a != image.adj]
 
 
-def plan_train(images: list[StateImage], targets_per_reference: int, seed: int) -> list[PlannedTriplet]:
+def plan_train(images: list[StateImage]) -> list[PlannedGroup]:
+    """One group per noun with at least two adjectives: its images, captions "<adj> <noun>"."""
     index = CaptionIndex(images)
-    rng = random.Random(seed)
-    triplets = []
-    for reference in images:
-        others = index.other_adjs(reference)
-        for adj in rng.sample(others, min(targets_per_reference, len(others))):
-            caption = f"{adj} {reference.noun}"
-            target = rng.choice(index.images_of[caption])
-            meta = TripletMeta(reference_id=reference.image_id, target_id=target.image_id,
-                               modifier=adj, complete=caption, target_label=caption)
-            triplets.append(PlannedTriplet(reference.path, target.path, meta))
-    return triplets
+    groups = []
+    for noun, adjs in index.adjs_of.items():
+        if len(adjs) < 2:
+            continue  # no other state to modify to
+        captions = [f"{adj} {noun}" for adj in adjs]
+        members = [(image, c) for c, caption in enumerate(captions)
+                   for image in index.images_of[caption]]
+        meta = GroupMeta(key=noun, rule=NAME, image_ids=tuple(im.image_id for im, _ in members),
+                         captions=tuple(captions), caption_of=tuple(c for _, c in members),
+                         texts=tuple(adjs) + tuple(captions))
+        groups.append(PlannedGroup(tuple(im.path for im, _ in members), meta))
+    return groups
 
 
 def plan_test(images: list[StateImage]) -> tuple[list[PlannedQuery], list[PlannedImage]]:
@@ -124,31 +129,39 @@ def plan_test(images: list[StateImage]) -> tuple[list[PlannedQuery], list[Planne
 
 
 @register_converter(NAME)
-def convert(src: Path, out_url: str, *, shard_size: int = 1000, targets_per_reference: int = 2,
-            seed: int = 0) -> dict:
-    """MIT-States -> train triplets and test queries/gallery (caption-level hits)."""
-    require_positive("targets_per_reference", targets_per_reference)
+def convert(src: Path, out_url: str, *, shard_size: int = 10, seed: int = 0) -> dict:
+    """MIT-States -> train pairing groups and test queries/gallery (caption-level hits).
+
+    A train shard holds `shard_size` nouns (a few hundred images each)."""
     images, ignored = read_images(src)
     train = [im for im in images if im.noun not in TEST_NOUNS]
     test = [im for im in images if im.noun in TEST_NOUNS]
     if not train or not test:
         raise UserError(f"MIT-States under {src} has {len(train)} training and {len(test)} test "
                         f"images; both splits need images")
+    groups = plan_train(train)
+    if not groups:
+        raise UserError(f"MIT-States under {src}: no training noun has two adjectives")
     queries, gallery = plan_test(test)
-    plan = {"train": {"triplets": plan_train(train, targets_per_reference, seed)},
-            "test": {"queries": queries, "gallery": gallery}}
+    plan = {schema.TRAIN_SPLIT: {schema.GROUPS: groups},
+            "test": {schema.QUERIES: queries, schema.GALLERY: gallery}}
+    references = sum(len(g.images) for g in groups)
     params = {
         "converter": NAME,
         "hits": "caption",
         "hit_rule": "a gallery image answers a query when its '<adj> <noun>' equals the target's",
+        schema.EXCLUDE_REFERENCE: True,
         "splits": "train and test (49 held-out test nouns); MIT-States has no validation split",
-        "pairing": "same noun, different adjective; modifier = target adjective",
+        "pairing_rule": "same noun, different adjective, drawn at every pass: two targets of "
+                        "different adjectives per reference, in one batch; modifier = target "
+                        "adjective",
+        schema.PAIRING: {"rule": NAME, "references": references,
+                         "pairs_per_epoch": references * PAIRS_PER_REFERENCE[NAME]},
         "complete_text": "<target adjective> <noun>",
-        "targets_per_reference": targets_per_reference,
         "seed": seed,
         "train_images": len(train),
         "test_images": len(test),
         "ignored_non_image_files": ignored,
         "counts": plan_counts(plan),
     }
-    return write_plan(out_url, NAME, plan, params, shard_size=shard_size)
+    return write_plan(out_url, NAME, plan, params, shard_size=shard_size, seed=seed)
