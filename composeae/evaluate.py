@@ -2,9 +2,11 @@
 
 Each rank embeds its own slice of the query and gallery shards (uneven slices are fine: nothing
 here is a DDP collective except the final gather). The gathered embeddings are scored with the
-pure `composeae.metrics.recall_at_k`, using the schema's hit rule: a gallery item answers a query
-when its label equals the query's target label within the same group, and the query's own
-reference image is excluded from its ranking.
+pure functions of `composeae.metrics`, using the schema's hit rule: a gallery item answers a
+query when its label equals the query's target label within the same group. The dataset's
+manifest says whether the query's own reference image leaves its ranking (on for every dataset
+but FashionIQ) and whether queries are also ranked against one joint gallery of all groups
+(FashionIQ: ComposeAE's protocol, reported as `joint/R@K` beside the per-category `R@K`).
 
 `evaluate_checkpoint` is `composeae eval`: the same code on Ray Train workers for a checkpoint.
 """
@@ -19,7 +21,8 @@ import torch
 
 from composeae.config import Config, DataConfig, EvalConfig
 from composeae.distributed import autocast_context, gather_objects
-from composeae.metrics import encode_labels, recall_at_k, subset_recall_at_k
+from composeae.metrics import (encode_labels, first_hit_rank, recall_from_ranks,
+                               subset_recall_at_k)
 
 
 @torch.no_grad()
@@ -55,49 +58,99 @@ GALLERY_KEYS = ("image_id", "label", "group")
 def evaluate(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *, rank: int,
              world_size: int, device: torch.device, precision: str = "auto") -> dict[str, float]:
     """Recall@K of `model` (unwrapped, any mode) on `split`; identical result on every rank."""
+    from composeae.data import schema, shardset
     from composeae.data.stream import eval_batches
+    from composeae.data.writer import read_manifest
 
+    manifest = read_manifest(data.url)
     was_training = model.training
     model.eval()
     try:
         batches = functools.partial(eval_batches, data, split, batch_size=eval_cfg.batch_size,
                                     rank=rank, world_size=world_size)
-        local_q = _embed(model, batches("queries"), "reference", data.text_mode, QUERY_KEYS,
-                         device, precision)
-        local_g = _embed(model, batches("gallery"), "image", None, GALLERY_KEYS, device, precision)
+        local_q = _embed(model, batches(schema.QUERIES), "reference", data.text_mode,
+                         QUERY_KEYS, device, precision)
+        local_g = _embed(model, batches(schema.GALLERY), "image", None, GALLERY_KEYS, device,
+                         precision)
     finally:
         model.train(was_training)
     queries = _merge(gather_objects(local_q), QUERY_KEYS)
     gallery = _merge(gather_objects(local_g), GALLERY_KEYS)
-    return score(queries, gallery, eval_cfg)
+    return score(queries, gallery, eval_cfg,
+                 exclude_reference=shardset.exclude_reference(manifest),
+                 joint=shardset.joint_gallery(manifest))
 
 
-def score(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConfig) -> dict[str, float]:
-    """Apply the hit rule to gathered embeddings and metadata."""
-    position = {image_id: i for i, image_id in enumerate(gallery["image_id"])}
-    exclude = torch.tensor([position.get(r, -1) for r in queries["reference_id"]], dtype=torch.long)
-    q_labels, g_labels = encode_labels(queries["target_label"], gallery["label"])
-    q_groups, g_groups = encode_labels(queries["group"], gallery["group"])
-    metrics = recall_at_k(queries["emb"], gallery["emb"], q_labels, g_labels, ks=eval_cfg.ks,
-                          exclude=exclude, query_groups=q_groups, gallery_groups=g_groups,
-                          chunk_size=eval_cfg.chunk_size)
+JOINT = "joint/"
+"""Key prefix of the recalls against the joint gallery of every group."""
+
+
+def score(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConfig, *,
+          exclude_reference: bool = True, joint: bool = False) -> dict[str, float]:
+    """Apply the hit rule to gathered embeddings and metadata.
+
+    R@K: each query is ranked against its group's gallery; with several groups (FashionIQ's
+    categories) R@K is the mean over groups of each group's recall, as the standard protocol
+    averages the categories. `exclude_reference`: the query's reference image (in its group)
+    leaves its ranking. `joint`: also `joint/R@K`, every query against one gallery of all
+    groups' images (each image once). Queries with a subset add Rs@K (CIRR).
+    """
+    metrics = _recall(queries, gallery, eval_cfg, exclude_reference)
     if any(queries["subset"]):
+        position = _positions(gallery)
         # Candidate sets by gallery position, the reference left out, padded with -1: (Q, M).
-        rows = [[position.get(m, -1) for m in subset if m != reference]
-                for subset, reference in zip(queries["subset"], queries["reference_id"])]
+        rows = [[position.get((group, m), -1) for m in subset if m != reference]
+                for subset, reference, group
+                in zip(queries["subset"], queries["reference_id"], queries["group"])]
         width = max(len(r) for r in rows)
         subsets = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
-        targets = torch.tensor([position.get(t, -1) for t in queries["target_id"]])
+        targets = torch.tensor([position.get((g, t), -1)
+                                for g, t in zip(queries["group"], queries["target_id"])])
         metrics |= subset_recall_at_k(queries["emb"], gallery["emb"], subsets, targets)
+    if joint:
+        first = {}
+        for i, image_id in enumerate(gallery["image_id"]):
+            first.setdefault(image_id, i)  # an image in two groups' galleries counts once
+        keep = list(first.values())
+        joint_gallery = {"emb": gallery["emb"][keep], "image_id": list(first),
+                         "label": [gallery["label"][i] for i in keep], "group": [""] * len(keep)}
+        joint_queries = dict(queries, group=[""] * len(queries["group"]))
+        metrics |= {JOINT + k: v for k, v in
+                    _recall(joint_queries, joint_gallery, eval_cfg, exclude_reference).items()}
     return metrics
 
 
+def _positions(gallery: dict[str, Any]) -> dict[tuple[str, str], int]:
+    """(group, image id) -> gallery index: an image may sit in several groups' galleries."""
+    return {key: i for i, key in enumerate(zip(gallery["group"], gallery["image_id"]))}
+
+
+def _recall(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConfig,
+            exclude_reference: bool) -> dict[str, float]:
+    exclude = None
+    if exclude_reference:
+        position = _positions(gallery)
+        exclude = torch.tensor([position.get(key, -1)
+                                for key in zip(queries["group"], queries["reference_id"])],
+                               dtype=torch.long)
+    q_labels, g_labels = encode_labels(queries["target_label"], gallery["label"])
+    q_groups, g_groups = encode_labels(queries["group"], gallery["group"])
+    ranks = first_hit_rank(queries["emb"], gallery["emb"], q_labels, g_labels, exclude=exclude,
+                           query_groups=q_groups, gallery_groups=g_groups,
+                           chunk_size=eval_cfg.chunk_size)
+    return recall_from_ranks(ranks, eval_cfg.ks, q_groups)
+
+
 def format_table(metrics: dict[str, float], title: str = "") -> str:
-    """A small text table of R@K values (as percentages, like the papers)."""
+    """A small text table of R@K values (as percentages, like the papers); a legend line says
+    which gallery each column used when the joint gallery was scored too."""
     keys = [k for k in metrics if "R@" in k or "Rs@" in k]
-    head = " ".join(f"{k:>10}" for k in keys)
-    row = " ".join(f"{100 * metrics[k]:>10.2f}" for k in keys)
-    return "\n".join(x for x in (title, head, row) if x)
+    widths = [max(10, len(k)) for k in keys]
+    head = " ".join(f"{k:>{w}}" for k, w in zip(keys, widths))
+    row = " ".join(f"{100 * metrics[k]:>{w}.2f}" for k, w in zip(keys, widths))
+    legend = ("R@K: one gallery per category (mean over categories); joint/R@K: one gallery of "
+              "all categories" if any(JOINT in k for k in keys) else "")
+    return "\n".join(x for x in (title, head, row, legend) if x)
 
 
 def _eval_worker(config: dict) -> None:

@@ -10,6 +10,9 @@ be excluded (the query's own reference image) and, with groups, only items of th
 are ranked (one gallery per FashionIQ category). Memory is O(chunk_size x G): the Q x G
 similarity matrix is never formed.
 
+Several groups: `recall_from_ranks` averages the groups' recalls (FashionIQ's category mean);
+`recall_at_k` pools all queries.
+
 Ties: the best hit's rank counts every valid non-hit whose similarity is greater than *or equal
 to* the hit's (ties are resolved against the query). The result then does not depend on the order
 of the gallery, and a collapsed model whose embeddings are all equal scores 0, not the recall of
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NO_HIT", "encode_labels", "first_hit_rank", "recall_at_k"]
+__all__ = ["NO_HIT", "encode_labels", "first_hit_rank", "recall_at_k", "recall_from_ranks",
+           "subset_recall_at_k"]
 
 NO_HIT = torch.iinfo(torch.int64).max
 """The rank of a query with no valid hit in its gallery: a miss at every K."""
@@ -235,3 +239,21 @@ def subset_recall_at_k(query: Tensor, gallery: Tensor, subsets: Tensor, targets:
     rank = (others & (sims >= target_sim[:, None])).sum(dim=1)  # (Q,) candidates at or above
     rank = torch.where(found, rank, torch.full_like(rank, NO_HIT))
     return {f"Rs@{k}": (rank < k).float().mean().item() for k in ks}
+
+
+def recall_from_ranks(ranks: Tensor, ks: Sequence[int], groups: Tensor | None = None
+                      ) -> dict[str, float]:
+    """R@K from `first_hit_rank`'s ranks (Q,): the fraction of queries with rank < K; with
+    `groups` (Q,), the mean over groups of each group's fraction (FashionIQ averages its
+    categories, whatever their query counts). Returns {"R@K": value in [0, 1]}."""
+    if ranks.numel() == 0:
+        raise ValueError("recall needs at least one query")
+    if groups is None:
+        groups = torch.zeros_like(ranks)
+    groups = groups.to(ranks.device)
+    out = {}
+    for k in ks:
+        hit = (ranks < int(k)).double()
+        per_group = [hit[groups == g].mean() for g in torch.unique(groups)]
+        out[f"R@{int(k)}"] = torch.stack(per_group).mean().item()
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,3 +43,61 @@ def test_groups_keep_galleries_apart():
     q["group"] = ["x", "y"]  # q0's target c sits in group y: it can never be found
     got = score(q, gallery, EvalConfig(ks=(1, 2)))
     assert got == pytest.approx({"R@1": 0.0, "R@2": 0.5})
+
+
+def test_score_with_reference_kept_and_a_joint_gallery():
+    gallery = dict(GALLERY, group=["x", "x", "y", "y"])
+    q = queries([[], []])
+    q["group"] = ["x", "y"]
+    q["target_label"] = q["target_id"] = ["b", "d"]
+    q["reference_id"] = ["a", "c"]
+    # Kept, q0's reference a (its nearest) is ranked first; removed, its target b is.
+    kept = score(q, gallery, EvalConfig(ks=(1, 2)), exclude_reference=False, joint=True)
+    removed = score(q, gallery, EvalConfig(ks=(1, 2)), exclude_reference=True)
+    assert removed["R@1"] > kept["R@1"]
+    assert set(kept) == {"R@1", "R@2", "joint/R@1", "joint/R@2"}
+    assert "joint/R@1" in format_table(kept) and "one gallery of all categories" in format_table(kept)
+
+
+# --- FashionIQ end to end: converter manifest -> shards -> embeddings -> recall ----------------
+
+class MeanColour(torch.nn.Module):
+    """An image-only embedder: the mean colour of the image (the fixture's images are plain)."""
+
+    def embed_target(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=(2, 3))  # (B, 3, S, S) -> (B, 3)
+
+    def compose(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.embed_target(images)
+
+
+def test_fashioniq_keeps_the_reference_in_the_ranking(tmp_path):
+    from composeae.config import DataConfig
+    from composeae.data import schema, sources, storage
+    from composeae.data.writer import read_manifest
+    from composeae.evaluate import evaluate
+
+    import fixtures_datasets as fx
+
+    # Each category's val gallery is its query's reference and target, in different colours.
+    layout = fx.fashioniq_layout(1, {c: [(f"{c}-r", f"{c}-t")] for c in ("dress", "shirt", "toptee")})
+    out = str(tmp_path / "out")
+    sources.convert("fashioniq", fx.make_fashioniq(tmp_path / "src", *layout), out)
+    manifest = read_manifest(out)
+    assert manifest["params"][schema.EXCLUDE_REFERENCE] is False
+
+    def recall() -> dict:
+        return evaluate(MeanColour(), DataConfig(url=out, image_size=8, loader_workers=0), "val",
+                        EvalConfig(ks=(1, 2, 6), batch_size=2), rank=0, world_size=1,
+                        device=torch.device("cpu"), precision="fp32")
+
+    kept = recall()
+    # The reference is its own nearest image: no target at rank 1, each at rank 2 of 2; in the
+    # joint gallery of all six images, still never first.
+    assert kept == pytest.approx({"R@1": 0.0, "R@2": 1.0, "R@6": 1.0, "joint/R@1": 0.0,
+                                  "joint/R@2": kept["joint/R@2"], "joint/R@6": 1.0})
+    # An older manifest without the property removes the reference: the target is first.
+    del manifest["params"][schema.EXCLUDE_REFERENCE]
+    storage.write_text(f"{out}/{schema.MANIFEST}", json.dumps(manifest))
+    removed = recall()
+    assert removed["R@1"] == 1.0 != kept["R@1"]

@@ -218,3 +218,13 @@ def test_subset_recall_matches_a_loop_oracle():
         for k in hits:
             hits[k] += rank < k
     assert got == pytest.approx({f"Rs@{k}": v / 40 for k, v in hits.items()})
+
+
+def test_recall_from_ranks_averages_groups():
+    from composeae.metrics import recall_from_ranks
+
+    ranks = torch.tensor([0, 5, 0, 0])  # group 0: a hit at K=1; group 1: 2 of 3
+    groups = torch.tensor([0, 1, 1, 1])
+    assert recall_from_ranks(ranks, (1,)) == {"R@1": 0.75}
+    assert recall_from_ranks(ranks, (1, 10), groups) == {"R@1": pytest.approx((1 + 2 / 3) / 2),
+                                                         "R@10": 1.0}
