@@ -5,6 +5,7 @@ classes: this registry holds *trained* models, the nightly job's champion among 
 prefix (a local directory or `s3://bucket/prefix`), no server:
 
     registry.json                   format marker, written once when the registry is created
+    claims/<run>.json               who is registering a run (exclusive create; one writer a run)
     checkpoints/<run>/model.pt ...  each version's copied checkpoint (copied before it registers)
     versions/000001/version.json    one version, written whole by an exclusive create, never changed
     aliases.json                    {"revision", "aliases": {"champion": 3}, "stack", "event"}
@@ -12,9 +13,10 @@ prefix (a local directory or `s3://bucket/prefix`), no server:
 
 A version is visible only once its `version.json` exists, and that object is written after the
 checkpoint copy completes, so an interrupted registration leaves no version and no alias moves.
-Version numbers are claimed with an exclusive create (`If-None-Match: *` on S3, a hard link
-locally): two writers racing for number N get one winner, and the loser, seeing a version of
-the same run, returns it instead of registering twice.
+Exclusive creates (`If-None-Match: *` on S3, a hard link locally) make both races safe: writers
+of the same run (two nightly jobs for one date) take turns through the run's claim, so the
+second finds the first's version and returns it instead of registering twice; writers of
+different runs racing for number N get one winner, and the other takes N + 1.
 
 `aliases.json` is the one mutable object. It is replaced whole by compare-and-swap (`If-Match`
 on its ETag on S3, a locked check-and-rename locally), so readers never see a torn pointer and
@@ -27,8 +29,10 @@ one behind writes the missing entry, so the history cannot silently lose a promo
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -36,10 +40,16 @@ from typing import Any, Callable
 from composeae.data import storage
 from composeae.errors import UserError
 
+log = logging.getLogger(__name__)
+
 FORMAT = 1
 MARKER = "registry.json"
 ALIASES = "aliases.json"
 VERSION_FILE = "version.json"
+CLAIM_LEASE_S = 600.0
+"""How long a run's claim holds off other writers without its version appearing (copying a
+checkpoint takes far less); after it, the claim's writer is taken to have died. A writer that
+fails (an exception, not a kill) removes its claim at once."""
 _ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
@@ -143,25 +153,60 @@ class ModelRegistry:
 
         `record` adds fields (config, evaluation, data fingerprint, ...). Returns (version,
         created): a run already registered returns its version and False, whoever registered it,
-        so a re-run night or a racing second writer never makes a second version.
+        so a re-run night or a racing second writer never makes a second version. Writers of
+        one run take turns through a claim object (`claims/<run>.json`, exclusive create): the
+        others wait for the holder's version; a claim older than `CLAIM_LEASE_S` with no version
+        (its writer died) is taken over.
         """
-        existing = self.find_run(run_name)
+        existing = self._claim(run_name)
         if existing is not None:
             return existing, False
-        copy_url = self._path("checkpoints", run_name)
-        files = storage.copy_tree(checkpoint_url, copy_url, after_each=after_copy)
-        if not files:
-            raise UserError(f"no checkpoint files under {checkpoint_url}")
-        while True:
-            number = (self.versions() or [0])[-1] + 1
-            version = dict(record, version=number, run_name=run_name, checkpoint=copy_url,
-                           source_checkpoint=checkpoint_url, registered=_now())
-            if storage.create_exclusive(self._version_path(number), _dumps(version)):
-                return version, True
-            # Someone else took this number: if it was this run, that version is ours too.
+        try:
+            copy_url = self._path("checkpoints", run_name)
+            files = storage.copy_tree(checkpoint_url, copy_url, after_each=after_copy)
+            if not files:
+                raise UserError(f"no checkpoint files under {checkpoint_url}")
+            while True:
+                number = (self.versions() or [0])[-1] + 1
+                version = dict(record, version=number, run_name=run_name, checkpoint=copy_url,
+                               source_checkpoint=checkpoint_url, registered=_now())
+                # Another run's writer may take this number first: then try the next one.
+                if storage.create_exclusive(self._version_path(number), _dumps(version)):
+                    return version, True
+        except BaseException:
+            # Failed, not killed: let the next writer of this run go ahead at once.
+            storage.remove(self._claim_path(run_name))
+            raise
+
+    def _claim_path(self, run_name: str) -> str:
+        return self._path("claims", f"{run_name}.json")
+
+    def _claim(self, run_name: str) -> dict[str, Any] | None:
+        """Hold the right to register `run_name`, or return its version once another writer
+        has registered it."""
+        url = self._claim_path(run_name)
+        mine = _dumps({"token": uuid.uuid4().hex, "time": time.time()})
+        deadline = time.monotonic() + CLAIM_LEASE_S + 60
+        waiting = False
+        while time.monotonic() < deadline:
             existing = self.find_run(run_name)
             if existing is not None:
-                return existing, False
+                return existing
+            if storage.create_exclusive(url, mine):
+                return None
+            data, tag = storage.read_tagged(url)
+            try:
+                held_since = float(json.loads(data)["time"]) if data else time.time()
+            except (ValueError, KeyError, TypeError):
+                held_since = 0.0  # an unreadable claim is no claim
+            if time.time() - held_since > CLAIM_LEASE_S and storage.replace_if(url, mine, tag):
+                return None  # its writer died before registering
+            if not waiting:
+                waiting = True
+                log.info("run %s is being registered by another writer (claim %s); waiting "
+                         "for its version", run_name, url)
+            time.sleep(0.2)
+        raise RuntimeError(f"run {run_name} is claimed at {url} but was never registered")
 
     # -- aliases ---------------------------------------------------------------------------------
     def aliases(self) -> Aliases:

@@ -59,6 +59,6 @@ def append_synth_day(url: str, day: str, *, sources: int) -> int:
     groups = day_plan(params["preset"], params["seed"], day, sources)
     tag = day_tag(day)
     samples = train_samples(groups, params["image_size"], id_prefix=f"{schema.TRAIN_SPLIT}-{tag}")
-    _, added = append_shards(url, schema.TRAIN_SPLIT, "triplets", samples, tag=tag,
+    _, added = append_shards(url, schema.TRAIN_SPLIT, schema.TRIPLETS, samples, tag=tag,
                              params={"days": sorted(days + [day])})
     return added

@@ -17,6 +17,7 @@ Bad input (a bucket that does not exist, an unreachable endpoint, missing creden
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import logging
@@ -258,8 +259,9 @@ def read_tagged(url: str) -> tuple[bytes | None, str | None]:
             data = f.read()
     except FileNotFoundError:
         return None, None
-    stat = os.stat(url)
-    return data, f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+    # The content's hash: what was read is what the tag vouches for (a stat taken after the
+    # read could already describe a newer file).
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def replace_if(url: str, data: bytes, tag: str | None) -> bool:
@@ -267,8 +269,8 @@ def replace_if(url: str, data: bytes, tag: str | None) -> bool:
     with `tag` (None: only if there is still no object). False when someone wrote in between.
 
     S3: `If-Match: <ETag>` / `If-None-Match: *`. Locally: under an exclusive `flock` on a
-    sibling lock file, the tag is checked and the new content renamed into place (a rename
-    gives the file a new inode, so the tag changes with every write).
+    sibling lock file, the content's hash is checked and the new content renamed into place.
+    Callers keep a revision number in the object, so equal content means no write in between.
     """
     if tag is None:
         return create_exclusive(url, data)
