@@ -170,12 +170,14 @@ def test_readme_mentions_every_file():
             assert rel in readme, f"cluster/README.md does not say what {rel} is for"
 
 
-# -- entrypoints: jobs/train.py with a config that exists and overrides that load ------------
+# -- entrypoints: jobs/train.py or jobs/nightly.py with a config that exists and loads --------
 
 @pytest.mark.parametrize("where,entrypoint", entrypoints(), ids=lambda v: str(v)[:60])
-def test_entrypoint_runs_train_with_an_existing_config(where, entrypoint):
+def test_entrypoint_runs_a_job_with_an_existing_config(where, entrypoint):
+    """Nightly schedules run jobs/nightly.py (champion and challenger); the rest train."""
     args = argv(entrypoint)
-    assert args[:2] == ["python", "jobs/train.py"], f"{where}: {entrypoint}"
+    job = "jobs/nightly.py" if is_nightly(where) else "jobs/train.py"
+    assert args[:2] == ["python", job], f"{where}: {entrypoint}"
     configs = option_values(args, "--config")
     assert len(configs) == 1, f"{where}: exactly one --config expected"
     assert configs[0].startswith("jobs/configs/"), f"{where}: config outside jobs/configs/"
@@ -196,7 +198,12 @@ def test_entrypoint_config_resolves_for_the_cluster(where, entrypoint, monkeypat
     assert cfg.data.url.startswith("s3://"), f"{where}: shards read from {cfg.data.url}"
     assert cfg.ray.use_gpu, f"{where}: trains without GPUs"
     if is_nightly(where):
-        assert cfg.train.name == f"nightly-{NIGHT}", f"{where}: run name {cfg.train.name!r}"
+        from composeae.nightly import RUN_PREFIX, parse_date
+
+        assert option_values(args, "--date") == [NIGHT], f"{where}: the night is not {NIGHT}"
+        assert RUN_PREFIX + parse_date(NIGHT) == f"nightly-{NIGHT}"
+        assert cfg.nightly.registry.startswith("s3://"), \
+            f"{where}: the registry is {cfg.nightly.registry}"
 
 
 def test_nightly_date_is_fixed_when_the_job_is_created():
@@ -216,9 +223,9 @@ def test_nightly_date_is_fixed_when_the_job_is_created():
     # RayCronJob: the date comes from the file the submitter pod's init container writes from
     # the RayJob's creation-time annotation (see test_raycronjob_submitter_*).
     (_, cron), = docs_of_kind("RayCronJob")
-    assert f"--set train.name=nightly-{NIGHT_FILE_EXPR}" in cron["spec"]["jobTemplate"]["entrypoint"]
+    assert f"--date {NIGHT_FILE_EXPR}" in cron["spec"]["jobTemplate"]["entrypoint"]
     # Fallback: the creator pod writes the date literally into the RayJob it creates.
-    assert f"--set train.name=nightly-{NIGHT_PLACEHOLDER}" in fallback_rayjob(NIGHT_PLACEHOLDER)[
+    assert f"--date {NIGHT_PLACEHOLDER}" in fallback_rayjob(NIGHT_PLACEHOLDER)[
         "spec"]["entrypoint"]
     # crontab: cron's shell reads the date once, when it submits; Ray stores the expansion.
     (entry,) = crontab_entries()
@@ -512,14 +519,14 @@ def test_raycronjob_submitter_fails_without_a_date(tmp_path, kubectl_output):
 
 def test_raycronjob_entrypoint_expands_in_the_submitter_shell(tmp_path):
     """KubeRay 1.6 (K8sJobMode) runs `bash -ce -- "... ray job submit ... -- <entrypoint> ; ..."`
-    in the submitter: the night file's content is what Ray receives as the run name."""
+    in the submitter: the night file's content is what Ray receives as the night's date."""
     (_, cron), = docs_of_kind("RayCronJob")
     night_file = tmp_path / "night"
     night_file.write_text(NIGHT)
     entrypoint = cron["spec"]["jobTemplate"]["entrypoint"].replace(NIGHT_FILE, str(night_file))
     echoed = subprocess.run(["bash", "-ce", "--", f"printf '%s\\n' {entrypoint} ;"],
                             capture_output=True, text=True, check=True).stdout.split()
-    assert option_values(echoed, "--set")[-1] == f"train.name=nightly-{NIGHT}"
+    assert option_values(echoed, "--date") == [NIGHT]
 
 
 def test_cronjob_fallback_rbac_and_wiring():
@@ -586,7 +593,7 @@ def test_cronjob_fallback_script_creates_tonights_rayjob(tmp_path):
     rayjob = yaml.safe_load(created.read_text())
     night = rayjob["metadata"]["name"].removeprefix("composeae-nightly-")
     assert night in {before, after}, rayjob["metadata"]["name"]
-    assert f"--set train.name=nightly-{night}" in rayjob["spec"]["entrypoint"]
+    assert f"--date {night}" in rayjob["spec"]["entrypoint"]
     assert NIGHT_PLACEHOLDER not in created.read_text()
 
 
@@ -612,11 +619,11 @@ def test_crontab_has_one_entry_with_escaped_percent():
     assert f'--submission-id "nightly-{CRONTAB_NIGHT}"' in shell_command
     assert "--runtime-env cluster/runtime_env.yaml" in shell_command
     assert "--working-dir ." in shell_command
-    assert f'--set "train.name=nightly-{CRONTAB_NIGHT}"' in shell_command
+    assert f'--date "{CRONTAB_NIGHT}"' in shell_command
 
 
 def test_crontab_expands_one_date_for_both_names(tmp_path):
-    """What cron's /bin/sh hands to `ray`: the submission id and the run name, both literal."""
+    """What cron's /bin/sh hands to `ray`: the submission id and the night's date, both literal."""
     (entry,) = crontab_entries()
     shell_command = cron_unescape(entry.split(None, 5)[5])
     stub = tmp_path / "composeae" / ".venv" / "bin" / "ray"
@@ -627,7 +634,7 @@ def test_crontab_expands_one_date_for_both_names(tmp_path):
                    check=True, timeout=30)
     args = (tmp_path / "argv").read_text().splitlines()
     (night,) = {option_values(args, "--submission-id")[0].removeprefix("nightly-"),
-                option_values(args, "--set")[-1].removeprefix("train.name=nightly-")}
+                option_values(args, "--date")[0]}
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", night), args
 
 
