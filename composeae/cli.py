@@ -52,12 +52,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from composeae.data import storage
-    from composeae.evaluate import evaluate_checkpoint, format_table
+    from composeae.evaluate import (evaluate_checkpoint, evaluate_checkpoint_with_retrievals,
+                                    format_table)
 
-    table = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
+    if args.report:
+        table, record = evaluate_checkpoint_with_retrievals(args.checkpoint, args.data,
+                                                            split=args.split)
+    else:
+        table = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
     _release_ray()
     if args.out:
         storage.write_text(args.out, json.dumps(table, indent=2) + "\n")
+    if args.report:
+        from composeae.report import write_eval_report
+
+        write_eval_report(args.report, args.checkpoint, args.data, args.split, table, record)
+        _say(f"report: {args.report}")
     _say(format_table(table, title=f"recall on {args.data} [{args.split}] (%)"))
     _say(f"checkpoint: {args.checkpoint}")
 
@@ -143,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset URL (path or s3://)")
     p.add_argument("--split", default="test", help="evaluation split (default: test)")
     p.add_argument("--out", default=None, help="write the recall table as JSON here")
+    p.add_argument("--report", default=None, metavar="OUT.html",
+                   help="write an HTML page here (path or s3://): the recall table and the top-5 "
+                        "gallery images of a few fixed queries, the correct ones outlined")
     p.set_defaults(func=_cmd_eval)
     return parser
 

@@ -224,6 +224,7 @@ def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
     """Check the run ended with its final report; write `metrics.json` and `report.html`."""
     from composeae.data import storage
     from composeae.report import write_report
+    from composeae.retrievals import load_record
     from composeae.train import HISTORY_FILE
 
     cfg = absolute_paths(cfg or prepared.cfg)
@@ -239,7 +240,7 @@ def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
     # A resubmitted finished run ends with the same metrics: its files stay as they are.
     if not storage.exists(metrics_url) or storage.read_text(metrics_url) != text:
         storage.write_text(metrics_url, text)
-        write_report(url, cfg, history, metrics)
+        write_report(url, cfg, history, metrics, retrievals=load_record(final))
     return RunSummary(run_url=url, checkpoint_url=final, metrics=metrics, history=history)
 
 

@@ -9,6 +9,8 @@ but FashionIQ) and whether queries are also ranked against one joint gallery of 
 (FashionIQ: ComposeAE's protocol, reported as `joint/R@K` beside the per-category `R@K`).
 
 `evaluate_checkpoint` is `composeae eval`: the same code on Ray Train workers for a checkpoint.
+`evaluate_with_retrievals` also returns the top-K gallery images of a few fixed queries
+(`composeae.retrievals`), for the pictures of the run report and of `composeae eval --report`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from composeae import retrievals
 from composeae.config import Config, DataConfig, EvalConfig
 from composeae.distributed import autocast_context, gather_objects
 from composeae.metrics import (encode_labels, first_hit_rank, recall_from_ranks,
@@ -58,6 +61,18 @@ GALLERY_KEYS = ("image_id", "label", "group")
 def evaluate(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *, rank: int,
              world_size: int, device: torch.device, precision: str = "auto") -> dict[str, float]:
     """Recall@K of `model` (unwrapped, any mode) on `split`; identical result on every rank."""
+    return evaluate_with_retrievals(model, data, split, eval_cfg, rank=rank,
+                                    world_size=world_size, device=device, precision=precision,
+                                    num_queries=0)[0]
+
+
+def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *,
+                             rank: int, world_size: int, device: torch.device,
+                             precision: str = "auto", num_queries: int = retrievals.NUM_QUERIES,
+                             k: int = retrievals.K) -> tuple[dict[str, float], dict | None]:
+    """`evaluate`, and what the model retrieves for `num_queries` fixed queries of the split:
+    `composeae.retrievals.top_k`'s record (None when `num_queries` is 0). Both are the same on
+    every rank."""
     from composeae.data import schema, shardset
     from composeae.data.stream import eval_batches
     from composeae.data.writer import read_manifest
@@ -76,9 +91,12 @@ def evaluate(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *, rank:
         model.train(was_training)
     queries = _merge(gather_objects(local_q), QUERY_KEYS)
     gallery = _merge(gather_objects(local_g), GALLERY_KEYS)
-    return score(queries, gallery, eval_cfg,
-                 exclude_reference=shardset.exclude_reference(manifest),
-                 joint=shardset.joint_gallery(manifest))
+    exclude = shardset.exclude_reference(manifest)
+    metrics = score(queries, gallery, eval_cfg, exclude_reference=exclude,
+                    joint=shardset.joint_gallery(manifest))
+    record = (retrievals.top_k(queries, gallery, num_queries=num_queries, k=k,
+                               exclude_reference=exclude, split=split) if num_queries else None)
+    return metrics, record
 
 
 JOINT = "joint/"
@@ -164,17 +182,18 @@ def _eval_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     cfg = config_from_dict(config["cfg"])
-    tables = []
+    results = []
     for checkpoint in config["checkpoints"]:
         model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
         model.to(device)
-        tables.append(evaluate(model, cfg.data, config["split"], cfg.eval,
-                               rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                               device=device, precision=cfg.train.precision))
+        results.append(evaluate_with_retrievals(
+            model, cfg.data, config["split"], cfg.eval, rank=ctx.get_world_rank(),
+            world_size=ctx.get_world_size(), device=device, precision=cfg.train.precision,
+            num_queries=config.get("retrievals", 0)))
         del model
     if ctx.get_world_rank() == 0:
         # Every rank holds the same tables; rank 0's travel back through Ray, wherever it runs.
-        ray.get(config["box"].put.remote(tables))
+        ray.get(config["box"].put.remote(results))
 
 
 def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = "test",
@@ -183,6 +202,14 @@ def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = 
     shards and evaluation settings for all, so tables compare like with like); returns one
     {"<split>/R@K": value} per checkpoint. The first checkpoint's config sets the evaluation
     settings and workers. Prints nothing (the command line prints the tables)."""
+    return [table for table, _ in _evaluation_job(checkpoints, data_url, split=split,
+                                                  num_workers=num_workers)]
+
+
+def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
+                    num_workers: int | None, num_queries: int = 0
+                    ) -> list[tuple[dict[str, float], dict | None]]:
+    """`evaluate_checkpoints`, each table with its retrieval record (with `num_queries`)."""
     import tempfile
     import uuid
 
@@ -211,19 +238,29 @@ def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = 
         TorchTrainer(
             _eval_worker,
             train_loop_config={"checkpoints": checkpoints, "cfg": config_to_dict(cfg),
-                               "split": split, "box": box},
+                               "split": split, "box": box, "retrievals": num_queries},
             scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers,
                                          use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
             # Nothing is checkpointed: the storage only holds Ray's own run bookkeeping.
             run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp),
         ).fit()
-    tables = ray.get(box.get.remote())
+    results = ray.get(box.get.remote())
     ray.kill(box)
-    return [{f"{split}/{k}": v for k, v in t.items()} for t in tables]
+    return [({f"{split}/{k}": v for k, v in table.items()}, record) for table, record in results]
 
 
 def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
                         num_workers: int | None = None) -> dict[str, float]:
     """`evaluate_checkpoints` for one checkpoint: `composeae eval`."""
     return evaluate_checkpoints([checkpoint], data_url, split=split, num_workers=num_workers)[0]
+
+
+def evaluate_checkpoint_with_retrievals(checkpoint: str, data_url: str, *, split: str = "test",
+                                        num_workers: int | None = None,
+                                        num_queries: int = retrievals.NUM_QUERIES
+                                        ) -> tuple[dict[str, float], dict]:
+    """`evaluate_checkpoint` and the checkpoint's retrievals for `num_queries` fixed queries of
+    the split (`composeae.retrievals.top_k`'s record): `composeae eval --report`."""
+    return _evaluation_job([checkpoint], data_url, split=split, num_workers=num_workers,
+                           num_queries=num_queries)[0]

@@ -3,7 +3,8 @@
 `train_loop_per_worker` streams its slice of the shards, trains the DDP-wrapped model with
 `train_step`, and every `train.eval_every` steps evaluates on the validation split and reports a
 checkpoint (every rank calls `ray.train.report` equally often: it is a barrier). The final report
-carries the test-split recall of the best-by-validation weights, in a checkpoint named `final`.
+carries the test-split recall of the best-by-validation weights, in a checkpoint named `final`
+that also holds what they retrieve for a few fixed test queries (`RETRIEVALS_FILE`).
 Resuming restores model, optimizer, schedule, step, samples seen and history, and skips the
 batches of the interrupted epoch that were already trained on, so a restarted run follows the
 same plan as an uninterrupted one. A run restored from its `final` checkpoint is finished: it
@@ -28,8 +29,9 @@ import torch
 from composeae.checkpoint import MODEL_FILE, checkpoint_state, save_checkpoint
 from composeae.config import Config, config_from_dict
 from composeae.distributed import autocast_context, sync_buffers, unwrap
-from composeae.evaluate import evaluate, format_table
+from composeae.evaluate import evaluate, evaluate_with_retrievals, format_table
 from composeae.optim import build_optimizer, build_scheduler
+from composeae.retrievals import RETRIEVALS_FILE
 
 FINAL_CHECKPOINT = "final"
 HISTORY_FILE = "history.json"
@@ -112,8 +114,8 @@ def _warm_start(model, url: str, rank: int) -> None:
 
 
 def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: int,
-            name: str) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint."""
+            name: str, files: dict[str, str] | None = None) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (and `files`, {name: text}, in it)."""
     import ray.train
 
     if rank != 0:
@@ -122,6 +124,8 @@ def _report(metrics: dict[str, Any], state_dict: dict[str, Any] | None, rank: in
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / MODEL_FILE, state_dict)
         (Path(tmp) / HISTORY_FILE).write_text(json.dumps(state_dict["train_state"]["history"]))
+        for file_name, text in (files or {}).items():
+            (Path(tmp) / file_name).write_text(text)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=name)
 
@@ -302,8 +306,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Final: test recall of the best-by-validation weights, reported with them as the checkpoint.
     final_weights = best_model if best_model is not None else unwrap(model).state_dict()
     unwrap(model).load_state_dict(final_weights)
-    test = evaluate(unwrap(model), cfg.data, cfg.eval.test_split, cfg.eval, rank=rank,
-                    world_size=world_size, device=device, precision=cfg.train.precision)
+    # With what these weights retrieve for a few fixed test queries, for the run report.
+    test, retrieved = evaluate_with_retrievals(
+        unwrap(model), cfg.data, cfg.eval.test_split, cfg.eval, rank=rank,
+        world_size=world_size, device=device, precision=cfg.train.precision)
     final = {"step": state.step, "samples_seen": state.samples_seen, "best_step": state.best_step,
              "resumes": state.resumes,
              "score": state.best_score, "final": True} | {f"test/{k}": v for k, v in test.items()}
@@ -314,4 +320,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress.scalars(state.step, {k: v for k, v in final.items() if k.startswith("test/")})
     progress.close()
     state.finished, state.final_metrics = True, final
-    _report(final, snapshot(final_weights, None) if rank == 0 else None, rank, FINAL_CHECKPOINT)
+    _report(final, snapshot(final_weights, None) if rank == 0 else None, rank, FINAL_CHECKPOINT,
+            files={RETRIEVALS_FILE: json.dumps(retrieved)})

@@ -101,3 +101,43 @@ def test_fashioniq_keeps_the_reference_in_the_ranking(tmp_path):
     storage.write_text(f"{out}/{schema.MANIFEST}", json.dumps(manifest))
     removed = recall()
     assert removed["R@1"] == 1.0 != kept["R@1"]
+
+
+def test_retrievals_of_fixed_queries_are_read_back_and_drawn(tmp_path):
+    import re
+
+    from composeae.config import DataConfig
+    from composeae.data import sources
+    from composeae.evaluate import evaluate, evaluate_with_retrievals
+    from composeae.retrievals import render_section
+
+    import fixtures_datasets as fx
+
+    pairs = {c: [(f"{c}-r", f"{c}-t")] for c in ("dress", "shirt", "toptee")}
+    layout = fx.fashioniq_layout(1, pairs)
+    out = str(tmp_path / "out")
+    sources.convert("fashioniq", fx.make_fashioniq(tmp_path / "src", *layout), out)
+    args = (MeanColour(), DataConfig(url=out, image_size=8, loader_workers=0), "val",
+            EvalConfig(ks=(1, 2), batch_size=2))
+    kw = dict(rank=0, world_size=1, device=torch.device("cpu"), precision="fp32")
+    metrics, record = evaluate_with_retrievals(*args, **kw, k=2)
+    assert metrics == evaluate(*args, **kw)
+    # FashionIQ keeps the reference: it comes first in its category's gallery, the target second.
+    assert record["split"] == "val" and not record["exclude_reference"]
+    assert len(record["queries"]) == 3
+    for q in record["queries"]:
+        assert [t["image_id"] for t in q["top"]] == [q["reference_id"], q["target_id"]]
+        assert [t["hit"] for t in q["top"]] == [False, True] and q["first_hit_rank"] == 1
+    assert evaluate_with_retrievals(*args, **kw, num_queries=0)[1] is None
+
+    page = render_section(record, out)
+    assert "could not be read" not in page and "stays in the ranking" in page
+    assert len(re.findall(r'data-query="', page)) == 3
+    assert len(re.findall(r'<figure class="result', page)) == 6
+    # Exactly the targets are outlined, each the second of its row.
+    rows = re.findall(r'<div class="query".*?</div>', page, re.S)
+    assert [re.findall(r'<figure class="(result[^"]*)"', row) for row in rows] == \
+        [["result", "result hit"]] * 3
+    # Every image is inlined (3 references and 6 gallery images), scaled up pixelated.
+    assert len(re.findall(r'<img class="px" src="data:image/(?:jpeg|png);base64,', page)) == 9
+    assert "&ldquo;" in page  # the modifier text under each reference

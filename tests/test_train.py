@@ -6,6 +6,7 @@ One local Ray instance (`ray_local` in conftest.py) serves the module.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from composeae.config import load_config, replace
 from composeae.data import storage
+from composeae.retrievals import NUM_QUERIES, RETRIEVALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -32,6 +34,13 @@ def tiny_shards(tmp_path_factory):
 def tiny(tmp_path: Path, shards: str, **sections):
     cfg = load_config(TINY, [f"data.url={shards}", f"train.storage={tmp_path / 'runs'}"])
     return replace(cfg, **sections) if sections else cfg
+
+
+def retrieval_rows(page: str) -> list[tuple[str, list[str]]]:
+    """(query id, the classes of its result figures) per query row of a page's retrievals."""
+    return [(qid, re.findall(r'<figure class="(result[^"]*)"', row))
+            for qid, row in re.findall(r'<div class="query" data-query="([^"]*)">(.*?)</div>',
+                                       page, re.S)]
 
 
 def untrained_recall(cfg) -> dict[str, float]:
@@ -66,6 +75,16 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
     assert (run / "config.yaml").is_file()
     report = (run / "report.html").read_text()
     assert "data:image/png;base64" in report and "test/R@1" in report
+    # What the best weights retrieve: the fixed test queries, 5 images each, exactly the correct
+    # ones (by the final checkpoint's record) outlined.
+    record = json.loads((run / "final" / RETRIEVALS_FILE).read_text())
+    assert record["split"] == "test" and len(record["queries"]) == NUM_QUERIES
+    rows = retrieval_rows(report)
+    assert [qid for qid, _ in rows] == [q["query_id"] for q in record["queries"]]
+    assert [kinds for _, kinds in rows] == [
+        ["result hit" if t["hit"] else "result" for t in q["top"]] for q in record["queries"]]
+    assert all(len(kinds) == 5 for _, kinds in rows)
+    assert "could not be read" not in report
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     assert (run / "final" / "model.pt").is_file()
     # The history comes from the final checkpoint's small history file, in step order.
@@ -75,11 +94,15 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
     # handed back through Ray (no file on the driver's disk).
     proc = subprocess.run(
         [sys.executable, "-m", "composeae.cli", "eval", "--checkpoint", written["checkpoint"],
-         "--data", cfg.data.url, "--out", str(tmp_path / "eval.json")],
+         "--data", cfg.data.url, "--out", str(tmp_path / "eval.json"),
+         "--report", str(tmp_path / "eval.html")],
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads((tmp_path / "eval.json").read_text())
     assert table == pytest.approx(summary.test)
+    # `--report`: the same recall table and the same pictures as the run report.
+    page = (tmp_path / "eval.html").read_text()
+    assert "test/R@1" in page and retrieval_rows(page) == rows
     # The table and the checkpoint are the last lines the user sees.
     last = proc.stdout.strip().splitlines()[-4:]
     assert last[0].startswith("recall on") and last[-1] == f"checkpoint: {written['checkpoint']}"
@@ -102,6 +125,9 @@ def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_pat
     assert written["step"] == 4
     names = storage.listdir(run)
     assert "final" in names and "report.html" in names
+    # The report's retrieval images were read back from the shards in the bucket.
+    report = storage.read_text(f"{run}/report.html")
+    assert len(retrieval_rows(report)) == NUM_QUERIES and "could not be read" not in report
     # TensorBoard events are written under the run URL in the bucket.
     assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{run}/tensorboard"))
     # metrics.json names the checkpoint as an s3:// URL that evaluation accepts as it is.
