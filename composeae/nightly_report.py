@@ -91,7 +91,8 @@ def render_night(record: dict[str, Any], recent: list[dict[str, Any]]) -> str:
     line = {f"{record['alias']} in service": ([r["date"] for r in served],
                                               [100 * r["in_service"]["value"] for r in served])}
     pictures = [
-        ("champion and challenger", _bars_png(tables, f"night {record['date']}: {metric}")),
+        ("champion and challenger",
+         _bars_png(tables, f"night {record['date']}: champion and challenger")),
         (f"last {len(served)} nights", figure_png(
             line, f"{metric} of the {record['alias']} after each night", "recall (%)",
             xlabel="night")),
