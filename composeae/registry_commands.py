@@ -25,39 +25,28 @@ def register(subparsers) -> None:
         description="The model registry (a directory or s3:// prefix) that the nightly job writes.")
     commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("ls", help="versions with their scores and aliases")
-    p.add_argument("url", metavar="URL")
-    p.set_defaults(func=run_ls)
+    def command(name: str, help: str, func, *, ref: bool = False) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help)
+        p.add_argument("url", metavar="URL")
+        if ref:
+            p.add_argument("ref", metavar="VERSION|ALIAS")
+        p.set_defaults(func=func)
+        return p
 
-    p = commands.add_parser("show", help="one version's record as JSON")
-    p.add_argument("url", metavar="URL")
-    p.add_argument("ref", metavar="VERSION|ALIAS")
-    p.set_defaults(func=run_show)
-
-    p = commands.add_parser("history", help="promotions, rollbacks and alias changes")
-    p.add_argument("url", metavar="URL")
-    p.set_defaults(func=run_history)
-
-    p = commands.add_parser("promote", help="point an alias (default champion) at a version")
-    p.add_argument("url", metavar="URL")
-    p.add_argument("ref", metavar="VERSION|ALIAS")
+    command("ls", "versions with their scores and aliases", run_ls)
+    command("show", "one version's record as JSON", run_show, ref=True)
+    command("history", "promotions, rollbacks and alias changes", run_history)
+    p = command("promote", "point an alias (default champion) at a version", run_promote, ref=True)
     p.add_argument("--alias", default="champion")
     p.add_argument("--reason", default="promoted by hand")
-    p.set_defaults(func=run_promote)
-
-    p = commands.add_parser("rollback", help="point an alias back at its previous version")
-    p.add_argument("url", metavar="URL")
+    p = command("rollback", "point an alias back at its previous version", run_rollback)
     p.add_argument("--alias", default="champion")
     p.add_argument("--reason", default="rolled back by hand")
-    p.set_defaults(func=run_rollback)
-
-    p = commands.add_parser("alias", help="set or delete any alias")
-    p.add_argument("url", metavar="URL")
+    p = command("alias", "set or delete any alias", run_alias)
     p.add_argument("name", metavar="NAME")
     p.add_argument("ref", metavar="VERSION|ALIAS", nargs="?")
     p.add_argument("--delete", action="store_true", help="remove the alias")
     p.add_argument("--reason", default="")
-    p.set_defaults(func=run_alias)
 
 
 def _open(url: str):

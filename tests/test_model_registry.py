@@ -36,6 +36,13 @@ def _record(score: float = 0.5) -> dict:
             "decision": {"metric": "test/R@1", "promote": True}}
 
 
+def _small_checkpoint(tmp_path: Path) -> Path:
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"w")
+    return checkpoint
+
+
 def _race(n: int, work) -> list:
     """Run `work(i)` in n threads released together; their results (or exceptions)."""
     barrier = threading.Barrier(n)
@@ -152,9 +159,7 @@ def test_an_interrupted_registration_leaves_no_version_and_no_alias_moved(where)
 
 def test_a_missed_history_entry_is_written_by_the_next_change(tmp_path):
     url = str(tmp_path / "registry")
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "model.pt").write_bytes(b"w")
+    checkpoint = _small_checkpoint(tmp_path)
     registry = ModelRegistry.create(url)
     registry.register(str(checkpoint), run_name="a", record=_record())
     registry.promote(1)
@@ -177,9 +182,7 @@ def test_bad_registry_input_is_one_line(tmp_path):
         f"nightly job creates one on its first night"]
 
     url = str(tmp_path / "registry")
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "model.pt").write_bytes(b"w")
+    checkpoint = _small_checkpoint(tmp_path)
     registry = ModelRegistry.create(url)
     registry.register(str(checkpoint), run_name="a", record=_record())
     no_version = _cli("show", url, "7")
@@ -196,9 +199,7 @@ def test_bad_registry_input_is_one_line(tmp_path):
 
 def test_registry_commands_list_promote_alias_and_roll_back(tmp_path):
     url = str(tmp_path / "registry")
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "model.pt").write_bytes(b"w")
+    checkpoint = _small_checkpoint(tmp_path)
     registry = ModelRegistry.create(url)
     for run, score in (("nightly-2026-11-27", 0.40), ("nightly-2026-11-28", 0.45)):
         registry.register(str(checkpoint), run_name=run, record=_record(score))

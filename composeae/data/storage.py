@@ -185,15 +185,32 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def _put_object(url: str, data: bytes, **condition: str) -> bool:
+    """One S3 PUT of a whole object; with a condition (`IfNoneMatch="*"`, `IfMatch=etag`), False
+    when the condition does not hold."""
+    bucket, key = split_s3(url)
+    # A content type by extension, so a report or sweep page opened from a bucket (or a
+    # presigned link) shows in the browser instead of downloading.
+    kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
+    try:
+        with _s3_errors(url):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
+                                   **condition)
+    except FileNotFoundError:  # If-Match on an object deleted since it was read
+        return False
+    except ClientError as exc:
+        # 412: the condition failed; 409: a concurrent conditional write is in flight.
+        if condition and _error_code(exc) in ("PreconditionFailed", "412",
+                                              "ConditionalRequestConflict", "409"):
+            return False
+        raise
+    return True
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old content or the new, never a part."""
     if is_s3(url):
-        bucket, key = split_s3(url)
-        # A content type by extension, so a report or sweep page opened from a bucket (or a
-        # presigned link) shows in the browser instead of downloading.
-        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
-        with _s3_errors(url):
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind)
+        _put_object(url, data)
         return
     tmp = _local_tmp_name(url)
     try:
@@ -218,19 +235,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
     the object appears whole or not at all.
     """
     if is_s3(url):
-        bucket, key = split_s3(url)
-        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
-        try:
-            with _s3_errors(url):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
-                                       IfNoneMatch="*")
-        except ClientError as exc:
-            # 412: the object exists; 409: a concurrent conditional write to it is in flight.
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
-                                    "409"):
-                return False
-            raise
-        return True
+        return _put_object(url, data, IfNoneMatch="*")
     tmp = _local_tmp_name(url)
     try:
         with open(tmp, "wb") as f:
@@ -275,20 +280,7 @@ def replace_if(url: str, data: bytes, tag: str | None) -> bool:
     if tag is None:
         return create_exclusive(url, data)
     if is_s3(url):
-        bucket, key = split_s3(url)
-        kind = mimetypes.guess_type(key)[0] or "application/octet-stream"
-        try:
-            with _s3_errors(url):
-                s3_client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=kind,
-                                       IfMatch=tag)
-        except FileNotFoundError:  # deleted since it was read
-            return False
-        except ClientError as exc:
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
-                                    "409"):
-                return False
-            raise
-        return True
+        return _put_object(url, data, IfMatch=tag)
     import fcntl
 
     lock_path = os.path.join(os.path.dirname(os.path.abspath(url)),
