@@ -5,7 +5,8 @@ classes: this registry holds *trained* models, the nightly job's champion among 
 prefix (a local directory or `s3://bucket/prefix`), no server:
 
     registry.json                   format marker, written once when the registry is created
-    claims/<run>.json               who is registering a run (exclusive create; one writer a run)
+    claims/<run>.json               who registers a run (exclusive create; one writer a run), then
+                                    the version number it got
     checkpoints/<run>/model.pt ...  each version's copied checkpoint (copied before it registers)
     versions/000001/version.json    one version, written whole by an exclusive create, never changed
     aliases.json                    {"revision", "aliases": {"champion": 3}, "stack", "event"}
@@ -83,10 +84,11 @@ class ModelRegistry:
     @classmethod
     def open(cls, url: str) -> "ModelRegistry":
         registry = cls(url)
-        if not storage.exists(registry._path(MARKER)):
+        try:
+            registry._check_marker()
+        except FileNotFoundError:
             raise UserError(f"no model registry at {url} ({MARKER} not found); the nightly job "
-                            f"creates one on its first night")
-        registry._check_marker()
+                            f"creates one on its first night") from None
         return registry
 
     @classmethod
@@ -140,12 +142,32 @@ class ModelRegistry:
         return self.version(aliases[text])
 
     def find_run(self, run_name: str) -> dict[str, Any] | None:
-        """The version registered from run `run_name`, if any (newest first)."""
+        """The version registered from run `run_name`, if any.
+
+        Every registration goes through the run's claim, and its writer records the version
+        number there once the version exists: no claim is no version (one request), a claim
+        with a number names it. Only a claim without a number (a registration in flight, or a
+        writer killed in between) needs the scan of every version."""
+        claim = self._read_claim(run_name)[0]
+        if claim is None:
+            return None
+        if "version" in claim:
+            return self.version(int(claim["version"]))
         for number in reversed(self.versions()):
             record = self.version(number)
             if record.get("run_name") == run_name:
                 return record
         return None
+
+    def _read_claim(self, run_name: str) -> tuple[dict[str, Any] | None, str | None]:
+        data, tag = storage.read_tagged(self._claim_path(run_name))
+        if data is None:
+            return None, None
+        try:
+            claim = json.loads(data)
+            return (claim if isinstance(claim, dict) else {}), tag
+        except ValueError:
+            return {}, tag  # an unreadable claim claims nothing: it can be taken over
 
     def register(self, checkpoint_url: str, *, run_name: str, record: dict[str, Any],
                  after_copy: Callable[[str], None] | None = None) -> tuple[dict[str, Any], bool]:
@@ -172,11 +194,16 @@ class ModelRegistry:
                                source_checkpoint=checkpoint_url, registered=_now())
                 # Another run's writer may take this number first: then try the next one.
                 if storage.create_exclusive(self._version_path(number), _dumps(version)):
-                    return version, True
+                    break
         except BaseException:
             # Failed, not killed: let the next writer of this run go ahead at once.
             storage.remove(self._claim_path(run_name))
             raise
+        # The version exists: the claim now names it (a writer killed before this leaves a
+        # claim without a number, and `find_run` scans the versions for it instead).
+        storage.write_bytes(self._claim_path(run_name),
+                            _dumps({"version": number, "time": time.time()}))
+        return version, True
 
     def _claim_path(self, run_name: str) -> str:
         return self._path("claims", f"{run_name}.json")
@@ -189,18 +216,23 @@ class ModelRegistry:
         deadline = time.monotonic() + CLAIM_LEASE_S + 60
         waiting = False
         while time.monotonic() < deadline:
-            existing = self.find_run(run_name)
-            if existing is not None:
-                return existing
             if storage.create_exclusive(url, mine):
                 return None
-            data, tag = storage.read_tagged(url)
+            claim, tag = self._read_claim(run_name)
+            if claim is None:
+                continue  # removed by a writer that failed: try again at once
+            if "version" in claim:
+                return self.version(int(claim["version"]))
             try:
-                held_since = float(json.loads(data)["time"]) if data else time.time()
+                held_since = float(claim["time"])
             except (ValueError, KeyError, TypeError):
                 held_since = 0.0  # an unreadable claim is no claim
-            if time.time() - held_since > CLAIM_LEASE_S and storage.replace_if(url, mine, tag):
-                return None  # its writer died before registering
+            if time.time() - held_since > CLAIM_LEASE_S:
+                existing = self.find_run(run_name)  # killed after its version, before the claim
+                if existing is not None:
+                    return existing
+                if storage.replace_if(url, mine, tag):
+                    return None  # its writer died before registering
             if not waiting:
                 waiting = True
                 log.info("run %s is being registered by another writer (claim %s); waiting "

@@ -150,7 +150,8 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
     ensure_dataset(cfg)  # builds CSS-synth first when the config asks for it
     _new_data(cfg, night)
     data_print = fingerprint(read_manifest(cfg.data.url))
-    newest = registry.version(registry.versions()[-1]) if registry.versions() else None
+    numbers = registry.versions()
+    newest = registry.version(numbers[-1]) if numbers else None
     if newest is not None and newest["data"]["fingerprint"] == data_print and not force:
         return Night(night, "no-op", f"nothing new since version {newest['version']} (data "
                      f"fingerprint {data_print[:12]}): no challenger tonight (--force trains "

@@ -75,6 +75,15 @@ def test_register_copies_the_checkpoint_and_registers_a_run_once(where):
     again, created = registry.register(checkpoint, run_name="nightly-2026-11-29",
                                        record=_record(0.9))
     assert not created and again == version  # the first registration stands, unchanged
+    # A writer killed after creating its version but before writing the number into its claim:
+    # the version is still found (by the scan), and registering again adds nothing.
+    storage.write_text(storage.join(url, "claims", "nightly-2026-11-29.json"),
+                       json.dumps({"token": "dead", "time": 0}))
+    assert registry.find_run("nightly-2026-11-29") == version
+    for _ in range(3):
+        assert registry.register(checkpoint, run_name="nightly-2026-11-29",
+                                 record=_record()) == (version, False)
+    assert registry.find_run("never-registered") is None
     assert ModelRegistry.open(url).versions() == [1]
     assert registry.resolve("v1") == registry.resolve(1) == version
 
