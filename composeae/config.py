@@ -108,6 +108,10 @@ class ModelConfig:
     """Keep the image backbone's weights fixed."""
     dropout: float = 0.5
     """Dropout in ComposeAE's image projection eta."""
+    a_init: float = 10.0
+    """Initial weight of a two-branch composer's main branch, the other starting at 1 (the
+    learnable `a` of the official code, (1, 10)): rho against rho_conv in ComposeAE and its
+    real-space ablations, the residual against the gated image in TIRG."""
     projection: Literal["shared", "separate"] = "shared"
     """ComposeAE's complex projection (eta, gamma): `shared` feeds rho and rho_conv from one, as
     the paper's figure draws it; `separate` gives each its own, as the official code does (its
@@ -276,7 +280,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
     "optim.backbone_lr_mult", "optim.momentum", "optim.weight_decay", "optim.warmup_steps",
-    "optim.grad_clip", "train.seed", "ray.max_failures", "model.dropout",
+    "optim.grad_clip", "train.seed", "ray.max_failures", "model.dropout", "model.a_init",
 }
 
 

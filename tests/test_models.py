@@ -106,6 +106,11 @@ def test_composeae_alpha_starts_at_paper_values():
     assert math.isclose(model.scale.item(), 4.0)
 
 
+@pytest.mark.parametrize("name", ["composeae", "realspace_concat_ae", "tirg"])
+def test_a_init_sets_the_main_branch_weight(name: str):
+    assert build(name, a_init=2.5).a.tolist() == [1.0, 2.5]
+
+
 def test_frozen_text_encoder_gets_no_gradient():
     model = build("tirg", freeze_text=True).train()
     model(*batch(4))["loss"].backward()

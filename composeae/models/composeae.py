@@ -8,7 +8,7 @@ With x the image feature and q the text feature:
     rho(phi)       = BN, ReLU, Linear, ReLU, Linear
     rho_conv(...)  = Conv1d over the stacked channels [x~, delta, x, re, im], adaptive max-pool
                      to 16, flatten, then an MLP shaped like rho
-    theta = a1 rho + a0 rho_conv           (a learnable, initialised a1 = 10, a0 = 1)
+    theta = a1 rho + a0 rho_conv           (a learnable, initialised a1 = model.a_init = 10, a0 = 1)
 Decoders map theta back to x and q (MSE), each BN, ReLU, Linear(E, D), ReLU, Linear(D, D) with
 D the image or text feature size, as in the official code. The rotational symmetry term composes
 the *target* feature with the conjugate (rotation by -delta) and pulls it to the *reference*
@@ -95,7 +95,7 @@ class _AutoEncoderComposer(RetrievalModel):
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
         e = cfg.embed_dim
-        self.a = nn.Parameter(torch.tensor([1.0, 10.0]))  # (a0 for rho_conv, a1 for rho)
+        self.a = nn.Parameter(torch.tensor([1.0, cfg.a_init]))  # (a0 for rho_conv, a1 for rho)
         self.image_decoder = _mlp(e, cfg.image_dim)  # theta (B, E) -> x (B, image_dim)
         self.text_decoder = _mlp(e, cfg.text_dim)  # theta (B, E) -> q (B, text_dim)
 

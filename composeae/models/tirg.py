@@ -1,6 +1,6 @@
 """TIRG (Vo et al., CVPR 2019): a gated residual on the image feature.
 
-    f = a0 * sigmoid(W_g [x, q]) * x + a1 * W_r [x, q],   a initialised to (1, 10)
+    f = a0 * sigmoid(W_g [x, q]) * x + a1 * W_r [x, q],   a initialised to (1, model.a_init = 10)
 
 W_g = BN, ReLU, Linear; W_r = BN, ReLU, Linear, ReLU, Linear (TIRG's gated and residual
 composers). x here is the image feature mapped to the embedding size.
@@ -27,7 +27,7 @@ class TIRG(RetrievalModel):
         self.gate = nn.Sequential(nn.BatchNorm1d(joint), nn.ReLU(), nn.Linear(joint, cfg.embed_dim))
         self.residual = nn.Sequential(nn.BatchNorm1d(joint), nn.ReLU(), nn.Linear(joint, joint),
                                       nn.ReLU(), nn.Linear(joint, cfg.embed_dim))
-        self.a = nn.Parameter(torch.tensor([1.0, 10.0]))
+        self.a = nn.Parameter(torch.tensor([1.0, cfg.a_init]))
 
     def compose_features(self, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:
         x = self.image_to_embed(x)  # (B, E)
