@@ -15,6 +15,10 @@ Per-model settings (the tuned comparison: each family at its own best configurat
 `--ablations ROW ...` (or `all`) trains the named rows of ABLATIONS instead, each row the
 paper's ComposeAE settings with one thing changed, and writes them between the `ablations`
 markers with the change in R@1 against the first row.
+
+`--results FILE.jsonl` keeps every finished run (its overrides and test recall) in FILE and
+skips the runs FILE already holds, so an interrupted table resumes where it stopped and a table
+can be rewritten from FILE without training again.
 """
 
 from __future__ import annotations
@@ -61,6 +65,13 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "wd1e-4": ("weight decay 1e-4", ["optim.weight_decay=0.0001"]),
     "augment": ("random crops and flips on training images", ["data.augment=true"]),
     "embed512": ("embedding 512", ["model.embed_dim=512"]),
+    "a_init1": ("a-weights initialised (1, 1): rho and rho_conv alike", ["model.a_init=1"]),
+    "no_rotation": ("RealSpaceProjectedAE: the rotation replaced by concatenating [x~, delta]",
+                    ["model.name=realspace_projected_ae"]),
+    "angle_to_rho": ("rho also reads the angle: rho([re, im, delta]) (`composeae_angle_to_rho`)",
+                     ["model.name=composeae_angle_to_rho"]),
+    "realspace": ("RealSpaceConcatAE: no projections, no rotation (the paper's ablation)",
+                  ["model.name=realspace_concat_ae"]),
 }
 
 
@@ -69,15 +80,30 @@ def run_one(model: str, seed: int, args, storage: str, extra: list[str] = (),
     from composeae.config import load_config
     from composeae.driver import run_training
 
-    cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
+    overrides = [
         f"model.name={model}", f"train.seed={seed}", f"train.steps={args.steps}",
-        f"train.eval_every={max(1, args.steps // 4)}",
-        f"train.name=quality-{model}{tag}-s{seed}",
-        f"train.storage={storage}", f"data.url={args.data}", f"ray.num_workers={args.workers}",
-        *extra, *args.set, *model_sets(args, model)])
+        f"train.eval_every={max(1, args.steps // 4)}", f"data.url={args.data}",
+        f"ray.num_workers={args.workers}", *extra, *args.set, *model_sets(args, model)]
+    done = load_results(args.results)
+    if json.dumps(overrides) in done:
+        return done[json.dumps(overrides)]
+    cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
+        *overrides, f"train.name=quality-{model}{tag}-s{seed}", f"train.storage={storage}"])
     test = {k.removeprefix("test/"): v for k, v in run_training(cfg).test.items()}
-    print(json.dumps({"run": cfg.train.name, "model": model, "seed": seed, "test": test}))
+    record = {"run": cfg.train.name, "model": model, "seed": seed, "test": test}
+    print(json.dumps(record))
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps({**record, "overrides": overrides}) + "\n")
     return test
+
+
+def load_results(path: str | None) -> dict[str, dict[str, float]]:
+    """Finished runs in a `--results` file, by their overrides (JSON)."""
+    if not path or not Path(path).exists():
+        return {}
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {json.dumps(r["overrides"]): r["test"] for r in records}
 
 
 def model_sets(args, model: str) -> list[str]:
@@ -136,6 +162,8 @@ def main() -> None:
                         help="config override for one model's runs (its tuned settings)")
     parser.add_argument("--ablations", nargs="+", metavar="ROW",
                         help=f"train these rows of ABLATIONS (or all): {', '.join(ABLATIONS)}")
+    parser.add_argument("--results", metavar="FILE.jsonl",
+                        help="append each finished run here; runs already in it are not retrained")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
     if args.ablations == ["all"]:

@@ -15,8 +15,8 @@ from composeae.zoo import create_model, list_models
 
 from fixtures_models import CORPUS, save_tiny_bert
 
-EXPECTED = {"composeae", "tirg", "concat", "realspace_concat_ae", "realspace_projected_ae",
-            "image_only", "text_only"}
+EXPECTED = {"composeae", "composeae_angle_to_rho", "tirg", "concat", "realspace_concat_ae",
+            "realspace_projected_ae", "image_only", "text_only"}
 
 
 def tiny_config(name: str, **model) -> Config:

@@ -29,6 +29,9 @@ The ablations:
   [x, q] pooled to 20; the decoders and reconstruction terms of ComposeAE, no symmetry term.
 * `realspace_projected_ae` keeps ComposeAE's projections and replaces only the rotation by the
   concatenation [x~, delta], isolating what the complex rotation adds.
+* `composeae_angle_to_rho` is ComposeAE whose rho also reads the angle: rho([re, im, delta]).
+  In ComposeAE the text reaches rho only as the phase of x~, multiplied by x~'s magnitude; this
+  probe gives it an additive path too (the diagnosis in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class _ProjectedComposer(_AutoEncoderComposer):
     `_mix` builds phi and the channels from x~, delta and x."""
 
     conv_inputs = 5
+    phi_parts = 2  # phi is (B, phi_parts * E)
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
@@ -116,7 +120,7 @@ class _ProjectedComposer(_AutoEncoderComposer):
         self.projection = ComplexProjection(cfg.image_dim, cfg.text_dim, e, cfg.dropout)
         self.projection_conv = (ComplexProjection(cfg.image_dim, cfg.text_dim, e, cfg.dropout)
                                 if cfg.projection == "separate" else None)
-        self.rho = _mlp(2 * e, e)
+        self.rho = _mlp(self.phi_parts * e, e)
         self.conv = nn.Sequential(nn.Conv1d(self.conv_inputs, CONV_CHANNELS, 3, padding=1),
                                   nn.AdaptiveMaxPool1d(POOLED))
         self.rho_conv = _mlp(CONV_CHANNELS * POOLED, e)
@@ -127,7 +131,7 @@ class _ProjectedComposer(_AutoEncoderComposer):
 
     def _theta(self, x: torch.Tensor, q: torch.Tensor, conjugate: bool = False) -> torch.Tensor:
         x_embed = self.image_to_embed(x)  # (B, E)
-        phi, channels = self._mix(*self.projection(x, q), x_embed, conjugate)  # (B, 2E)
+        phi, channels = self._mix(*self.projection(x, q), x_embed, conjugate)  # (B, parts * E)
         if self.projection_conv is not None:
             _, channels = self._mix(*self.projection_conv(x, q), x_embed, conjugate)
         stacked = torch.stack(channels, dim=1)  # (B, channels, E), promoted to the widest dtype
@@ -155,6 +159,17 @@ class ComposeAE(_ProjectedComposer):
         terms["sym"] = self.base_loss(F.normalize(symmetric, dim=-1),
                                       F.normalize(self.image_to_embed(x), dim=-1))
         return terms
+
+
+@register_model("composeae_angle_to_rho")
+class ComposeAEAngleToRho(ComposeAE):
+    """ComposeAE with the angle delta beside the rotated image in rho's input (a probe)."""
+
+    phi_parts = 3
+
+    def _mix(self, x_tilde, delta, x_embed, conjugate):
+        phi, channels = super()._mix(x_tilde, delta, x_embed, conjugate)
+        return torch.cat([phi, (-delta if conjugate else delta).to(phi.dtype)], dim=1), channels
 
 
 @register_model("realspace_projected_ae")
