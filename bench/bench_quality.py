@@ -16,6 +16,12 @@ Per-model settings (the tuned comparison: each family at its own best configurat
 paper's ComposeAE settings with one thing changed, and writes them between the `ablations`
 markers with the change in R@1 against the first row.
 
+`--from-sweep DIR ...` takes each sweep's best trial (DIR/best.json, written by `composeae tune`)
+as its model family's `--model-set` overrides and adds the family to `--models`:
+
+    composeae tune --config jobs/configs/sweeps/css-synth-tirg.yaml --set storage=/tmp/sweeps
+    python bench/bench_quality.py --steps 300 --from-sweep /tmp/sweeps/css-synth-tirg ...
+
 `--results FILE.jsonl` keeps every finished run (its overrides and test recall) in FILE and
 skips the runs FILE already holds, so an interrupted table resumes where it stopped and a table
 can be rewritten from FILE without training again.
@@ -111,6 +117,15 @@ def model_sets(args, model: str) -> list[str]:
     return [item.split(":", 1)[1] for item in args.model_set if item.split(":", 1)[0] == model]
 
 
+def sweep_overrides(directory: str) -> tuple[str, list[str]]:
+    """(model family, `MODEL:KEY=VALUE` overrides) of a finished sweep's best trial."""
+    import yaml
+
+    best = json.loads(Path(directory, "best.json").read_text())
+    model = yaml.safe_load(Path(best["best_yaml"]).read_text())["model"]["name"]
+    return model, [f"{model}:{key}={value}" for key, value in best["best_params"].items()]
+
+
 def cell(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
@@ -162,10 +177,18 @@ def main() -> None:
                         help="config override for one model's runs (its tuned settings)")
     parser.add_argument("--ablations", nargs="+", metavar="ROW",
                         help=f"train these rows of ABLATIONS (or all): {', '.join(ABLATIONS)}")
+    parser.add_argument("--from-sweep", nargs="+", default=[], metavar="DIR",
+                        help="train each sweep's best configuration (its DIR/best.json)")
     parser.add_argument("--results", metavar="FILE.jsonl",
                         help="append each finished run here; runs already in it are not retrained")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
+    if args.from_sweep:
+        families = [sweep_overrides(d) for d in args.from_sweep]
+        if args.models == MODELS:
+            args.models = []
+        args.models += [model for model, _ in families if model not in args.models]
+        args.model_set += [item for _, items in families for item in items]
     if args.ablations == ["all"]:
         args.ablations = list(ABLATIONS)
     for row in args.ablations or []:
@@ -199,7 +222,8 @@ def main() -> None:
                .format(args.steps, " ".join(map(str, args.seeds)), " ".join(args.models),
                        args.workers)
                + (" --ablations " + " ".join(args.ablations) if args.ablations else "")
-               + "".join(f" --model-set {s}" for s in args.model_set)
+               + (" --from-sweep " + " ".join(args.from_sweep) if args.from_sweep else
+                  "".join(f" --model-set {s}" for s in args.model_set))
                + "".join(f" --set {s}" for s in args.set))
     seeds = ", ".join(map(str, args.seeds))
     section = "ablations" if args.ablations else "tuned" if args.model_set else "default"
