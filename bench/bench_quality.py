@@ -179,6 +179,9 @@ def main() -> None:
                         help=f"train these rows of ABLATIONS (or all): {', '.join(ABLATIONS)}")
     parser.add_argument("--from-sweep", nargs="+", default=[], metavar="DIR",
                         help="train each sweep's best configuration (its DIR/best.json)")
+    parser.add_argument("--storage", metavar="DIR",
+                        help="keep the runs (checkpoints, reports) here; a scratch directory "
+                             "removed at the end by default")
     parser.add_argument("--results", metavar="FILE.jsonl",
                         help="append each finished run here; runs already in it are not retrained")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -205,7 +208,8 @@ def main() -> None:
     started = time.time()
     results: dict[str, list[dict[str, float]]] = {}
     labels = None
-    with tempfile.TemporaryDirectory() as runs:
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = args.storage or scratch
         if args.ablations:
             labels = {}
             for model in args.models:
