@@ -92,6 +92,7 @@ def run_one(model: str, seed: int, args, storage: str, extra: list[str] = (),
         f"ray.num_workers={args.workers}", *extra, *args.set, *model_sets(args, model)]
     done = load_results(args.results)
     if json.dumps(overrides) in done:
+        CACHED.append(json.dumps(overrides))
         return done[json.dumps(overrides)]
     cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
         *overrides, f"train.name=quality-{model}{tag}-s{seed}", f"train.storage={storage}"])
@@ -102,6 +103,9 @@ def run_one(model: str, seed: int, args, storage: str, extra: list[str] = (),
         with open(args.results, "a") as f:
             f.write(json.dumps({**record, "overrides": overrides}) + "\n")
     return test
+
+
+CACHED: list[str] = []  # runs this invocation read from `--results` instead of training
 
 
 def load_results(path: str | None) -> dict[str, dict[str, float]]:
@@ -231,10 +235,12 @@ def main() -> None:
                + "".join(f" --set {s}" for s in args.set))
     seeds = ", ".join(map(str, args.seeds))
     section = "ablations" if args.ablations else "tuned" if args.model_set else "default"
+    total = sum(len(r) for r in results.values())
+    reused = f" ({len(CACHED)} of the {total} runs read from a results file)" if CACHED else ""
     budget = (f"{args.steps} steps of batch 32 on {args.workers} CPU workers (demo config). "
-              f"Wall time {time.time() - started:.0f} s.")
+              f"Wall time {time.time() - started:.0f} s{reused}.")
     if section == "ablations":
-        text = (f"### ComposeAE ablations on CSS-synth `small` (test split, %, mean ± std over "
+        text = (f"#### ComposeAE ablations on CSS-synth `small` (test split, %, mean ± std over "
                 f"seeds {seeds})\n\nEvery row: the paper's settings with one change; "
                 f"{budget}\n\n{table(results, ks, labels)}\n\nCommand: `{command}`")
     else:
