@@ -15,6 +15,9 @@ checkpoints it also prints the rotation's median angle |delta| (radians) and med
 magnitude that scales every text-carried phase).
 
     python bench/probe_composition.py CHECKPOINT [CHECKPOINT ...] [--batches 8]
+
+A sweep directory (one with the `best.json` that `composeae tune` writes) stands for its best
+trial's checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def probe(url: str, batches: int) -> dict[str, float]:
     from composeae.data.stream import eval_batches
     from composeae.models.composeae import ComposeAE
 
+    best = Path(url, "best.json")
+    if best.exists():
+        url = json.loads(best.read_text())["best_checkpoint"]
     model, cfg = model_from_checkpoint(load_checkpoint(url))
     queries = list(zip(range(batches), eval_batches(cfg.data, "test", "queries", 64, rank=0,
                                                     world_size=1)))
