@@ -31,7 +31,7 @@ The ablations:
   concatenation [x~, delta], isolating what the complex rotation adds.
 * `composeae_angle_to_rho` is ComposeAE whose rho also reads the angle: rho([re, im, delta]).
   In ComposeAE the text reaches rho only as the phase of x~, multiplied by x~'s magnitude; this
-  probe gives it an additive path too (the diagnosis in BENCHMARKS.md).
+  probe gives it an additive path too. It measures no better than ComposeAE (BENCHMARKS.md).
 """
 
 from __future__ import annotations
