@@ -24,7 +24,8 @@ as its model family's `--model-set` overrides and adds the family to `--models`:
 
 `--results FILE.jsonl` keeps every finished run (its overrides and test recall) in FILE and
 skips the runs FILE already holds, so an interrupted table resumes where it stopped and a table
-can be rewritten from FILE without training again.
+can be rewritten from FILE without training again. Runs are known by their overrides only: start
+a new file when the code or `demo.yaml` changes.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = ["composeae", "tirg", "concat", "image_only", "text_only"]
-BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 SECTIONS = {"default": "bench_quality", "tuned": "bench_quality_tuned",
             "ablations": "bench_quality_ablations"}
 
@@ -81,8 +81,10 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_one(model: str, seed: int, args, storage: str, extra: list[str] = (),
-            tag: str = "") -> dict[str, float]:
+def run_one(model: str, seed: int, args, storage: str, done: dict[str, dict[str, float]],
+            extra: list[str] = (), tag: str = "") -> dict[str, float]:
+    """Train and test one (model, seed), or return its recall from `done` (the `--results` file
+    read once, by overrides); a finished run is appended to that file and to `done`."""
     from composeae.config import load_config
     from composeae.driver import run_training
 
@@ -90,30 +92,38 @@ def run_one(model: str, seed: int, args, storage: str, extra: list[str] = (),
         f"model.name={model}", f"train.seed={seed}", f"train.steps={args.steps}",
         f"train.eval_every={max(1, args.steps // 4)}", f"data.url={args.data}",
         f"ray.num_workers={args.workers}", *extra, *args.set, *model_sets(args, model)]
-    done = load_results(args.results)
-    if json.dumps(overrides) in done:
-        CACHED.append(json.dumps(overrides))
-        return done[json.dumps(overrides)]
+    key = json.dumps(overrides)
+    if key in done:
+        return done[key]
     cfg = load_config(ROOT / "jobs" / "configs" / "demo.yaml", [
         *overrides, f"train.name=quality-{model}{tag}-s{seed}", f"train.storage={storage}"])
     test = {k.removeprefix("test/"): v for k, v in run_training(cfg).test.items()}
-    record = {"run": cfg.train.name, "model": model, "seed": seed, "test": test}
+    record = {"run": cfg.train.name, "model": cfg.model.name, "seed": seed, "test": test}
     print(json.dumps(record))
     if args.results:
-        with open(args.results, "a") as f:
-            f.write(json.dumps({**record, "overrides": overrides}) + "\n")
+        line = json.dumps({**record, "overrides": overrides}) + "\n"
+        with open(args.results, "ab+") as f:
+            # After a kill mid-write the file ends inside a line: start on a fresh one.
+            if f.seek(0, 2) and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                line = "\n" + line
+            f.write(line.encode())
+    done[key] = test
     return test
 
 
-CACHED: list[str] = []  # runs this invocation read from `--results` instead of training
-
-
 def load_results(path: str | None) -> dict[str, dict[str, float]]:
-    """Finished runs in a `--results` file, by their overrides (JSON)."""
+    """Finished runs in a `--results` file, by their overrides (JSON). A last line cut short by
+    a kill is skipped: that run trains again."""
     if not path or not Path(path).exists():
         return {}
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return {json.dumps(r["overrides"]): r["test"] for r in records}
+    found = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        found[json.dumps(record["overrides"])] = record["test"]
+    return found
 
 
 def model_sets(args, model: str) -> list[str]:
@@ -126,7 +136,7 @@ def sweep_overrides(directory: str) -> tuple[str, list[str]]:
     import yaml
 
     best = json.loads(Path(directory, "best.json").read_text())
-    model = yaml.safe_load(Path(best["best_yaml"]).read_text())["model"]["name"]
+    model = yaml.safe_load(Path(directory, "best.yaml").read_text())["model"]["name"]
     return model, [f"{model}:{key}={value}" for key, value in best["best_params"].items()]
 
 
@@ -210,6 +220,8 @@ def main() -> None:
     if not storage.exists(storage.join(args.data, "manifest.json")):
         generate(args.data, preset="small", seed=0)
     started = time.time()
+    done = load_results(args.results)
+    reused = len(done)
     results: dict[str, list[dict[str, float]]] = {}
     labels = None
     with tempfile.TemporaryDirectory() as scratch:
@@ -220,11 +232,12 @@ def main() -> None:
                 for row in args.ablations:
                     name = row if len(args.models) == 1 else f"{model} {row}"
                     labels[name] = ABLATIONS[row][0]
-                    results[name] = [run_one(model, seed, args, runs, PAPER + ABLATIONS[row][1],
-                                             tag=f"-{row}") for seed in args.seeds]
+                    results[name] = [run_one(model, seed, args, runs, done,
+                                             PAPER + ABLATIONS[row][1], tag=f"-{row}")
+                                     for seed in args.seeds]
         else:
             for model in args.models:
-                results[model] = [run_one(model, seed, args, runs) for seed in args.seeds]
+                results[model] = [run_one(model, seed, args, runs, done) for seed in args.seeds]
     ks = [k for k in next(iter(results.values()))[0] if k.startswith("R@")]
     command = ("python bench/bench_quality.py --steps {} --seeds {} --models {} --workers {}"
                .format(args.steps, " ".join(map(str, args.seeds)), " ".join(args.models),
@@ -236,9 +249,11 @@ def main() -> None:
     seeds = ", ".join(map(str, args.seeds))
     section = "ablations" if args.ablations else "tuned" if args.model_set else "default"
     total = sum(len(r) for r in results.values())
-    reused = f" ({len(CACHED)} of the {total} runs read from a results file)" if CACHED else ""
+    trained = len(done) - reused
+    note = (f" ({total - trained} of the {total} runs read from a results file)"
+            if trained < total else "")
     budget = (f"{args.steps} steps of batch 32 on {args.workers} CPU workers (demo config). "
-              f"Wall time {time.time() - started:.0f} s{reused}.")
+              f"Wall time {time.time() - started:.0f} s{note}.")
     if section == "ablations":
         text = (f"#### ComposeAE ablations on CSS-synth `small` (test split, %, mean ± std over "
                 f"seeds {seeds})\n\nEvery row: the paper's settings with one change; "

@@ -45,9 +45,12 @@ def probe(url: str, batches: int) -> dict[str, float]:
     model, cfg = model_from_checkpoint(load_checkpoint(url))
     queries = list(zip(range(batches), eval_batches(cfg.data, "test", "queries", 64, rank=0,
                                                     world_size=1)))
+    # Only the probed queries' targets: a `full` gallery decoded whole would be gigabytes.
+    wanted = {t for _, batch in queries for t in batch["target_id"]}
     gallery = {}
     for batch in eval_batches(cfg.data, "test", "gallery", 256, rank=0, world_size=1):
-        gallery.update(zip(batch["image_id"], batch["image"]))
+        gallery.update((i, image) for i, image in zip(batch["image_id"], batch["image"])
+                       if i in wanted)
     stats: dict[str, list[torch.Tensor]] = {}
 
     def add(name: str, value: torch.Tensor) -> None:
