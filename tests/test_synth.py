@@ -41,6 +41,14 @@ def test_same_seed_same_bytes(css_tiny, tmp_path):
     assert other["splits"]["train"] != again["splits"]["train"]
 
 
+def test_parallel_rendering_gives_the_same_bytes(css_tiny, tmp_path):
+    """`shards synth --workers N` renders in N processes; the shards are byte-identical."""
+    run_cli("shards", "synth", "--out", str(tmp_path / "par"), "--preset", "tiny", "--workers", "3")
+    assert read_manifest(str(tmp_path / "par")) == read_manifest(css_tiny)
+    with pytest.raises(UserError, match="at least one worker"):
+        synth.generate(str(tmp_path / "none"), preset="tiny", workers=0)
+
+
 def test_tiny_preset_has_several_shards_per_kind(css_tiny):
     splits = read_manifest(css_tiny)["splits"]
     assert splits["train"]["triplets"]["count"] == 210

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
                             "default small")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in px (default 64)")
+    synth.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes rendering images (default 1; the bytes do not change)")
     synth.add_argument("--day", metavar="YYYY-MM-DD", default=None,
                        help="append that day's seeded new training scenes to the CSS-synth "
                             "dataset at --out instead (what the nightly job does)")
@@ -66,7 +68,8 @@ def run_synth(args: argparse.Namespace) -> None:
               else f"day {args.day} is already in the dataset: nothing appended")
         print(format_manifest(read_manifest(args.out), args.out))
         return
-    manifest = generate(args.out, preset=args.preset, seed=args.seed, image_size=args.image_size)
+    manifest = generate(args.out, preset=args.preset, seed=args.seed, image_size=args.image_size,
+                        workers=args.workers)
     print(format_manifest(manifest, args.out))
 
 
