@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # configuration"), on top of the experiment config; ComposeAE's tuned settings are the config's.
 BASELINE = ["model.name=concat", "optim.lr=0.0013", "optim.weight_decay=6.45e-6",
             "model.embed_dim=128", "loss.init_scale=2.07"]
+
+
+PHASES = ("bench_gpu", "e2e", "quality")
+"""The phases after the shards, which every phase needs."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wall-clock budget of all phases (default 500; smoke 170)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny sizes: checks the script, measures nothing")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=None, metavar="N",
+                        help="data.loader_workers values of the end-to-end phase (the quality "
+                             "phase uses the fastest, or the largest without that phase)")
+    parser.add_argument("--quality-steps", type=int, default=None, metavar="N",
+                        help="steps of each quality run (default: what the budget allows at "
+                             "the end-to-end phase's rate)")
     args = parser.parse_args(argv)
+    args.phases = set(args.phases.split(","))
+    if not args.phases <= set(PHASES):
+        parser.error(f"--phases takes a subset of {','.join(PHASES)}")
+    if "quality" in args.phases and "e2e" not in args.phases and not args.quality_steps:
+        parser.error("the quality phase without the e2e phase needs --quality-steps")
     args.sizes = SMOKE if args.smoke else GPU
+    if args.loader_workers:
+        args.sizes = replace(args.sizes, loader_workers=tuple(args.loader_workers))
     args.budget_s = args.budget_s or (170.0 if args.smoke else 500.0)
     return args
 
@@ -338,23 +357,29 @@ class Suite:
         measured = [r for r in rows if "samples_per_s" in r]
         return max(measured, key=lambda r: r["samples_per_s"]) if measured else None
 
-    def quality(self, data: str, best: dict[str, Any]) -> None:
+    def quality(self, data: str, best: dict[str, Any] | None) -> None:
         """Phase 4: ComposeAE and the baseline, the same steps each, within what is left."""
         per_model = (self.left_s() - 5) / 2
-        # The baseline trains faster than ComposeAE; sizing by ComposeAE's rate fits both.
-        train_s = per_model - best["overhead_s"] - self.sizes.test_eval_s
-        steps = int(0.8 * train_s * best["samples_per_s"] / self.sizes.batch_size) // 4 * 4
-        steps = max(0, min(steps, self.sizes.max_steps))
+        if self.args.quality_steps:
+            steps, workers = self.args.quality_steps, max(self.sizes.loader_workers)
+        else:
+            # The baseline trains faster than ComposeAE; sizing by ComposeAE's rate fits both.
+            train_s = per_model - best["overhead_s"] - self.sizes.test_eval_s
+            steps = int(0.8 * train_s * best["samples_per_s"] / self.sizes.batch_size) // 4 * 4
+            steps, workers = max(0, min(steps, self.sizes.max_steps)), best["loader_workers"]
         self.figures["quality_steps"] = steps
         if steps < 8:
             self.say(f"quality: {per_model:.0f} s per model left, too little for a run")
             self.failed.append("quality")
             return
         rows = {}
-        for model, overrides in (("composeae", []), ("concat", BASELINE)):
+        runs = [("composeae", []), ("concat", BASELINE)]
+        for i, (model, overrides) in enumerate(runs):
+            # Each run may use what the earlier ones left of their share.
+            limit = (self.left_s() - 5) / (len(runs) - i)
             child, run = self.train(f"quality-{model}", data, steps,
                                     [f"train.eval_every={steps // 4}", *overrides],
-                                    per_model, best["loader_workers"])
+                                    limit, workers)
             metrics = run.get("metrics", {})
             rows[model] = {
                 "steps": steps, "wall_s": round(child.wall_s, 1),
@@ -415,12 +440,15 @@ class Suite:
             data = self.shards()
             if not (Path(data) / "manifest.json").exists():
                 return self.finish()
-            self.bench_gpu()
-            best = self.end_to_end(data)
-            if best is None:
-                self.failed.append("quality")
-            else:
-                self.quality(data, best)
+            phases = self.args.phases
+            if "bench_gpu" in phases:
+                self.bench_gpu()
+            best = self.end_to_end(data) if "e2e" in phases else None
+            if "quality" in phases:
+                if best is None and not self.args.quality_steps:
+                    self.failed.append("quality")
+                else:
+                    self.quality(data, best)
             return self.finish()
         finally:
             self.sampler.close()
