@@ -214,7 +214,7 @@ def main() -> None:
     if args.ablations and args.models == MODELS:
         args.models = ["composeae"]
 
-    from composeae.data import storage
+    from composeae import storage
     from composeae.data.synth import generate
 
     if not storage.exists(storage.join(args.data, "manifest.json")):

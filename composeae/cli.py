@@ -14,7 +14,7 @@ from composeae.errors import UserError
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
-    from composeae.zoo import describe_models
+    from composeae.models.zoo import describe_models
 
     for name, summary in describe_models().items():
         print(f"{name:<22} {summary}")
@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from composeae.data import storage
+    from composeae import storage
     from composeae.evaluate import (evaluate_checkpoint, evaluate_checkpoint_with_retrievals,
                                     format_table)
 
@@ -73,7 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
-    from composeae.data import storage
+    from composeae import storage
     from composeae.evaluate import format_table
     from composeae.sweep import load_sweep
     from composeae.tune import run_sweep

@@ -287,7 +287,7 @@ _NON_NEGATIVE = {
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot (ranges, cross-field rules).
 
-    Model names are checked where models are created (`composeae.zoo`): the config tree
+    Model names are checked where models are created (`composeae.models.zoo`): the config tree
     knows nothing of the model zoo."""
     for dotted in _POSITIVE | _NON_NEGATIVE:
         section, key = dotted.split(".")

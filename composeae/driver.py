@@ -76,7 +76,7 @@ def absolute_paths(cfg: Config) -> Config:
 
 def run_url(cfg: Config) -> str:
     """Where the run named `train.name` lives: checkpoints, metrics.json, report, events."""
-    from composeae.data import storage
+    from composeae import storage
 
     return storage.join(cfg.train.storage, cfg.train.name)
 
@@ -109,7 +109,7 @@ def check_local_paths_on_nodes(paths: dict[str, str]) -> None:
     the driver's disk (a dataset or checkpoint the workers cannot read) fails here, in one line
     naming it and the node, instead of inside a worker. `s3://` URLs are skipped.
     """
-    from composeae.nodefiles import missing_on_nodes
+    from composeae.run.nodefiles import missing_on_nodes
 
     local = {what: path for what, path in paths.items() if not path.startswith("s3://")}
     for what, nodes in missing_on_nodes(local).items():
@@ -129,7 +129,7 @@ class PreparedRun:
     """Tokenizer states by text settings, so a sweep over text encoders builds each once."""
 
     def tokenizer_state(self, cfg: Config) -> dict:
-        from composeae.models.text import build_tokenizer
+        from composeae.run.build import build_tokenizer
 
         key = (cfg.model.text_encoder, cfg.model.bert_path, cfg.model.bert_vocab_size,
                cfg.train.init_from)
@@ -165,8 +165,8 @@ class RunSummary:
 def prepare_run(cfg: Config) -> PreparedRun:
     """Check the experiment, make its paths absolute, build CSS-synth if asked, read the corpus
     and build the tokenizer. Once per experiment or sweep, before Ray starts any trial."""
-    from composeae.data.stream import has_split, load_corpus
-    from composeae.zoo import model_class
+    from composeae.data.shardset import has_split, load_corpus
+    from composeae.models.zoo import model_class
 
     model_class(cfg.model.name)  # an unknown model fails here, before anything is written
     from composeae.models.pretrained import check_pretrained
@@ -186,8 +186,8 @@ def build_trainer(prepared: PreparedRun, cfg: Config | None = None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from composeae.data import storage
-    from composeae.zoo import model_class
+    from composeae import storage
+    from composeae.models.zoo import model_class
     from composeae.train import train_loop_per_worker
 
     cfg = absolute_paths(cfg or prepared.cfg)
@@ -215,14 +215,14 @@ def build_trainer(prepared: PreparedRun, cfg: Config | None = None,
 def checkpoint_url(cfg: Config, checkpoint) -> str:
     """A reported checkpoint as a URL: `s3://bucket/...` for S3 storage (pyarrow's path has no
     scheme), an absolute path locally."""
-    from composeae.data import storage
+    from composeae import storage
 
     return storage.join(run_url(cfg), Path(checkpoint.path).name)
 
 
 def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
     """Check the run ended with its final report; write `metrics.json` and `report.html`."""
-    from composeae.data import storage
+    from composeae import storage
     from composeae.report import write_report
     from composeae.retrievals import load_record
     from composeae.train import HISTORY_FILE
@@ -248,7 +248,7 @@ def run_training(cfg: Config | PreparedRun) -> RunSummary:
     """Prepare (unless given a prepared run), start or join Ray, train, and finish the run."""
     prepared = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg)
     init_ray(prepared.cfg)
-    from composeae.nodefiles import check_node_files
+    from composeae.run.nodefiles import check_node_files
 
     check_node_files(prepared.cfg)
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url}
@@ -279,7 +279,7 @@ def describe(cfg: Config) -> str:
 
 def ensure_dataset(cfg: Config) -> Config:
     """Fail early on a missing dataset, or build CSS-synth there when the config asks to."""
-    from composeae.data import storage
+    from composeae import storage
     from composeae.data.schema import MANIFEST
 
     if storage.exists(storage.join(cfg.data.url, MANIFEST)):

@@ -75,7 +75,7 @@ def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: Eval
     every rank."""
     from composeae.data import schema, shardset
     from composeae.data.stream import eval_batches
-    from composeae.data.writer import read_manifest
+    from composeae.data.shardset import read_manifest
 
     manifest = read_manifest(data.url)
     was_training = model.training
@@ -176,7 +176,8 @@ def _eval_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
     from composeae.config import config_from_dict
 
     ctx = ray.train.get_context()
@@ -219,7 +220,7 @@ def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
 
     from composeae.checkpoint import load_checkpoint
     from composeae.config import config_from_dict, config_to_dict, replace
-    from composeae.data.stream import has_split
+    from composeae.data.shardset import has_split
     from composeae.driver import (absolute_paths, absolute_url, check_local_paths_on_nodes,
                                   init_ray, result_box)
     from composeae.errors import UserError

@@ -131,7 +131,7 @@ def _new_data(cfg: Config, night: str) -> None:
 def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> Night:
     """One night of champion/challenger retraining (see the module docstring)."""
     from composeae.data.revisions import fingerprint
-    from composeae.data.writer import read_manifest
+    from composeae.data.shardset import read_manifest
     from composeae.driver import absolute_paths, ensure_dataset, prepare_run, run_training
     from composeae.evaluate import evaluate_checkpoints
 
@@ -197,7 +197,7 @@ def _finish(registry: ModelRegistry, cfg: Config, night: str, version: dict[str,
             created: bool) -> Night:
     """Promote (once) and report a registered night. Safe to run again: a killed night stopped
     between registering and promoting is completed; a completed one is left as it is."""
-    from composeae.data import storage
+    from composeae import storage
     from composeae.nightly_report import write_night_report
 
     decision = version["decision"]

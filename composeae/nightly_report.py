@@ -13,7 +13,7 @@ import io
 import json
 from typing import Any
 
-from composeae.data import storage
+from composeae import storage
 from composeae.model_registry import ModelRegistry
 from composeae.nightly import recall_keys
 from composeae.report import figure_png

@@ -104,7 +104,7 @@ def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[st
 def write_report(run_url: str, cfg: Config, history: list[dict[str, float]],
                  metrics: dict[str, Any], retrievals: dict[str, Any] | None = None) -> str:
     """Write `report.html` into the run directory; returns its URL."""
-    from composeae.data import storage
+    from composeae import storage
 
     url = storage.join(run_url, "report.html")
     storage.write_text(url, render_report(cfg, history, metrics, retrievals))
@@ -133,7 +133,7 @@ def render_eval_report(checkpoint: str, data_url: str, split: str, table: dict[s
 def write_eval_report(url: str, checkpoint: str, data_url: str, split: str,
                       table: dict[str, float], retrievals: dict[str, Any] | None) -> str:
     """Write `render_eval_report`'s page to `url` (a path or s3://); returns `url`."""
-    from composeae.data import storage
+    from composeae import storage
 
     storage.write_text(url, render_eval_report(checkpoint, data_url, split, table, retrievals))
     return url

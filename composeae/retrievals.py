@@ -130,7 +130,7 @@ def read_images(data_url: str, record: dict[str, Any]
     bytes, query metadata)}, {gallery image id: image bytes}). Only the shards up to the last
     image needed are read."""
     from composeae.data import schema, shardset
-    from composeae.data.writer import read_manifest
+    from composeae.data.shardset import read_manifest
 
     manifest = read_manifest(data_url)
     split = record["split"]
@@ -259,7 +259,7 @@ the best-ranked correct image follows, dashed, with its rank.{kept}</p>
 
 def load_record(checkpoint_url: str) -> dict[str, Any] | None:
     """The retrieval record in a checkpoint directory, None when it has none (older runs)."""
-    from composeae.data import storage
+    from composeae import storage
 
     url = storage.join(checkpoint_url, RETRIEVALS_FILE)
     if not storage.exists(url):

@@ -445,7 +445,7 @@ def _checked_config(base: Path, overrides: list[str], check_model: bool = True) 
     cfg = load_config(base, overrides)
     if not check_model:
         return cfg
-    from composeae.zoo import list_models  # late: importing the models imports torch
+    from composeae.models.zoo import list_models  # late: importing the models imports torch
 
     if cfg.model.name not in list_models():
         raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "

@@ -13,7 +13,7 @@ What belongs here, in three layers:
   refreshes itself while the sweep runs;
 - `SweepPageCallback`, the Tune callback that feeds the state from Tune's hooks and writes the
   three files into the sweep directory (a local path or an `s3://` URL) through
-  `composeae.data.storage`, at most once every `min_interval_s` while results stream in and at
+  `composeae.storage`, at most once every `min_interval_s` while results stream in and at
   once when a trial ends or the sweep ends.
 
 A trial "stopped early" is one that Tune terminated (for example ASHA) before it finished: it
@@ -677,7 +677,7 @@ class SweepPageCallback(Callback):
             self.state.sync(trial.trial_id, trial.status, trial.config, trial.last_result)
 
     def _write(self, trials: Sequence[Any] | None) -> None:
-        from composeae.data import storage
+        from composeae import storage
 
         started = time.monotonic()
         self._sync_all(trials)

@@ -218,9 +218,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from composeae.data.stream import TrainStream, has_split
+    from composeae.data.stream import TrainStream
+    from composeae.data.shardset import has_split
     from composeae.models.text import tokenizer_from_state
-    from composeae.zoo import create_model
+    from composeae.run.build import create_model
 
     _quiet_ray_reports()
     cfg = config_from_dict(config["cfg"])

@@ -34,7 +34,7 @@ from composeae.sweep import Sweep
 
 
 def _trial_run_storage(sweep: Sweep) -> str:
-    from composeae.data import storage
+    from composeae import storage
 
     return storage.join(sweep.experiment_url, "runs")
 
@@ -83,7 +83,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     from ray import tune
 
     from composeae.driver import check_local_paths_on_nodes, init_ray, prepare_run
-    from composeae.nodefiles import check_node_files
+    from composeae.run.nodefiles import check_node_files
     from composeae.sweep_page import SweepPageCallback
 
     sweep = sweep.absolute()
@@ -110,7 +110,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
 
 
 def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
-    from composeae.data import storage
+    from composeae import storage
     from composeae.driver import run_url
     from composeae.evaluate import evaluate_checkpoint
     from composeae.sweep import best_config_yaml
@@ -167,7 +167,7 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
 def _write_hparams(sweep: Sweep, results, best_row) -> None:
     """One TensorBoard HParams entry per trial that reported: its parameters beside the
     validation recall of its best evaluation (and test recall when it ran to the end)."""
-    from composeae.data import storage
+    from composeae import storage
     from composeae.tblog import write_hparams
 
     hparams = storage.join(sweep.experiment_url, "hparams")

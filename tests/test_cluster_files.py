@@ -281,7 +281,7 @@ def test_runtime_env_excludes_what_must_not_be_uploaded():
                 "composeae/__pycache__/x.pyc"]:
         assert excluded(ROOT / rel), f"{rel} would be uploaded with every job"
     for rel in ["composeae/train.py", "jobs/train.py", "jobs/configs/css-synth-full.yaml",
-                "ray_config.yaml", "pyproject.toml", "composeae/data/storage.py"]:
+                "ray_config.yaml", "pyproject.toml", "composeae/storage.py"]:
         assert not excluded(ROOT / rel), f"{rel} would be left out of the job's working dir"
 
 

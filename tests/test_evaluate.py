@@ -73,8 +73,9 @@ class MeanColour(torch.nn.Module):
 
 def test_fashioniq_keeps_the_reference_in_the_ranking(tmp_path):
     from composeae.config import DataConfig
-    from composeae.data import schema, sources, storage
-    from composeae.data.writer import read_manifest
+    from composeae import storage
+    from composeae.data import schema, sources
+    from composeae.data.shardset import read_manifest
     from composeae.evaluate import evaluate
 
     import fixtures_datasets as fx

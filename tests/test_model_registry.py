@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 from composeae.model_registry import ModelRegistry
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from composeae.config import load_config, replace
-from composeae.data import storage
+from composeae import storage
 from composeae.data.revisions import append_synth_day, fingerprint
-from composeae.data.writer import read_manifest
+from composeae.data.shardset import read_manifest
 from composeae.model_registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]

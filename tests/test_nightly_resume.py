@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from composeae.localcluster import kill_processes_naming
+from composeae.testing.localcluster import kill_processes_naming
 from composeae.model_registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from tensorboard.plugins.hparams import api_pb2
 from tensorboardX.summary import scalar as tbx_scalar
 
 from composeae import tblog
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from composeae.config import load_config, replace
-from composeae.data import storage
+from composeae import storage
 from composeae.retrievals import NUM_QUERIES, RETRIEVALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,10 @@ def retrieval_rows(page: str) -> list[tuple[str, list[str]]]:
 
 
 def untrained_recall(cfg) -> dict[str, float]:
-    from composeae.data.stream import load_corpus
+    from composeae.data.shardset import load_corpus
     from composeae.evaluate import evaluate
     from composeae.models.text import build_tokenizer
-    from composeae.zoo import create_model
+    from composeae.models.zoo import create_model
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights the workers start from
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))
@@ -110,7 +110,8 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
 
 
 def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_path):
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
     from composeae.data.synth import generate
     from composeae.driver import run_training
     from composeae.evaluate import evaluate_checkpoint
@@ -157,7 +158,8 @@ def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch
 def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
     same metrics, and its final checkpoint loads every time."""
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
     from composeae.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2},

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from composeae.data import storage
+from composeae import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"

@@ -10,8 +10,9 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from composeae.data import schema, storage
-from composeae.data.writer import read_manifest
+from composeae import storage
+from composeae.data import schema
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 

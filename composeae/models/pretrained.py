@@ -1,7 +1,7 @@
 """The pre-flight check that a run's encoders get the pretrained weights the run depends on.
 
 What belongs here: rules about which encoder settings need weights, checked on the config alone
-before any worker starts (whether a named file exists on every node is `composeae.nodefiles`'s
+before any worker starts (whether a named file exists on every node is `composeae.run.nodefiles`'s
 concern). A frozen encoder without weights computes fixed random features; a config that
 reproduces a published result (`model.pretrained: true`) means nothing with a random ResNet or
 BERT. Either stops with one line naming the keys and what to download, unless
@@ -39,7 +39,7 @@ def _image_problem(cfg: ModelConfig) -> str | None:
 
 
 def _text_problem(cfg: ModelConfig) -> str | None:
-    from composeae.zoo import model_class
+    from composeae.models.zoo import model_class
 
     if not model_class(cfg.name).uses_text:
         return None

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 
 if TYPE_CHECKING:
