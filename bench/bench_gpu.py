@@ -153,7 +153,7 @@ def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    from composeae.train import train_step  # the step every rank of a training run takes
+    from composeae.run.worker import train_step  # the step every rank of a training run takes
 
     model, optimizer, scheduler, cfg = build(model_name, row, tokenizer, device,
                                              args.warmup + args.steps)

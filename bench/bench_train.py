@@ -58,9 +58,9 @@ def memory_batches(cfg, count: int) -> list[dict]:
 
 
 def timed_steps(model, optimizer, scheduler, batches, cfg, warmup: int = 3) -> float:
-    """samples/s of the production step (`composeae.train.train_step`) over `batches`, after
+    """samples/s of the production step (`composeae.run.worker.train_step`) over `batches`, after
     `warmup` untimed steps."""
-    from composeae.train import train_step
+    from composeae.run.worker import train_step
 
     model.train()
     device = next(model.parameters()).device

@@ -198,7 +198,7 @@ def test_entrypoint_config_resolves_for_the_cluster(where, entrypoint, monkeypat
     assert cfg.data.url.startswith("s3://"), f"{where}: shards read from {cfg.data.url}"
     assert cfg.ray.use_gpu, f"{where}: trains without GPUs"
     if is_nightly(where):
-        from composeae.nightly import RUN_PREFIX, parse_date
+        from composeae.nightly.flow import parse_date, RUN_PREFIX
 
         assert option_values(args, "--date") == [NIGHT], f"{where}: the night is not {NIGHT}"
         assert RUN_PREFIX + parse_date(NIGHT) == f"nightly-{NIGHT}"

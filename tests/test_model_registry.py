@@ -13,7 +13,7 @@ import pytest
 
 from composeae import storage
 from composeae.errors import UserError
-from composeae.model_registry import ModelRegistry
+from composeae.registry.store import ModelRegistry
 
 
 @pytest.fixture(params=["local", "s3"])

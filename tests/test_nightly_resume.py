@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from composeae.testing.localcluster import kill_processes_naming
-from composeae.model_registry import ModelRegistry
+from composeae.registry.store import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 NIGHTLY_TINY = ROOT / "jobs" / "configs" / "nightly-tiny.yaml"

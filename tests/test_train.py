@@ -16,7 +16,8 @@ import torch
 
 from composeae.config import load_config, replace
 from composeae import storage
-from composeae.retrievals import NUM_QUERIES, RETRIEVALS_FILE
+from composeae.evaluate import NUM_QUERIES
+from composeae.run.layout import RETRIEVALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -56,7 +57,7 @@ def untrained_recall(cfg) -> dict[str, float]:
 
 
 def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tmp_path):
-    from composeae.driver import run_training
+    from composeae.run.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 40, "eval_every": 20, "log_every": 10})
     before = untrained_recall(cfg)
@@ -113,8 +114,8 @@ def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_pat
     from composeae.checkpoint import load_checkpoint
     from composeae.run.build import model_from_checkpoint
     from composeae.data.synth import generate
-    from composeae.driver import run_training
-    from composeae.evaluate import evaluate_checkpoint
+    from composeae.run.driver import run_training
+    from composeae.run.eval_job import evaluate_checkpoint
 
     shards = f"{s3_bucket}/shards/css-tiny"
     generate(shards, preset="tiny", seed=0, image_size=32)
@@ -140,7 +141,7 @@ def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_pat
 
 
 def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch):
-    from composeae.driver import FAULT_ENV, run_training
+    from composeae.run.driver import FAULT_ENV, run_training
 
     monkeypatch.setenv(FAULT_ENV, "5:1")  # rank 1 dies once at step 5, after the step-3 checkpoint
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 8, "eval_every": 3})
@@ -160,7 +161,7 @@ def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards,
     same metrics, and its final checkpoint loads every time."""
     from composeae.checkpoint import load_checkpoint
     from composeae.run.build import model_from_checkpoint
-    from composeae.driver import run_training
+    from composeae.run.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2},
                ray={"num_to_keep": 1})
@@ -178,7 +179,7 @@ def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards,
 
 
 def test_a_local_path_missing_on_a_node_is_one_line(ray_local, tmp_path):
-    from composeae.driver import check_local_paths_on_nodes
+    from composeae.run.cluster import check_local_paths_on_nodes
     from composeae.errors import UserError
 
     check_local_paths_on_nodes({"--data": str(tmp_path)})  # present on the only node

@@ -45,7 +45,7 @@ class SmallCNN(nn.Module):
 
 
 def _resnet(name: str, weights_path: str | None) -> tuple[nn.Module, int]:
-    import torchvision
+    import torchvision  # deferred: only ResNet backbones need it, and it is slow to import
 
     net = getattr(torchvision.models, name)(weights=None)
     if weights_path:
@@ -111,7 +111,7 @@ class BertTextEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import BertConfig, BertModel  # deferred: slow to import
 
         if cfg.bert_path:
             # local_files_only: a path must never turn into a model hub download.

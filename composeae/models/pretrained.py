@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from composeae.config import ModelConfig
 from composeae.errors import UserError
+from composeae.models.zoo import model_class
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 RESNET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
@@ -39,8 +40,6 @@ def _image_problem(cfg: ModelConfig) -> str | None:
 
 
 def _text_problem(cfg: ModelConfig) -> str | None:
-    from composeae.models.zoo import model_class
-
     if not model_class(cfg.name).uses_text:
         return None
     if cfg.text_encoder == "bert":

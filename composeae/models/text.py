@@ -69,7 +69,7 @@ class WordPieceTokenizer:
     """A `tokenizers.Tokenizer` (BERT WordPiece) with [CLS] ... [SEP] framing."""
 
     def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # deferred: only WordPiece needs it
 
         self.json = tokenizer_json
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -80,7 +80,7 @@ class WordPieceTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "WordPieceTokenizer":
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import BertWordPieceTokenizer  # deferred: see __init__
 
         wp = BertWordPieceTokenizer(lowercase=True)
         wp.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,

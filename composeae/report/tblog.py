@@ -235,6 +235,7 @@ def hparams_summaries(hparams: Mapping[str, float | int | str | bool],
     parameter values are left out; values other than bool, number and string (a list chosen by
     a search space) are shown as their text.
     """
+    # deferred: only HParams entries need these, and tensorboardX.summary is slow to import
     from tensorboardX.proto.api_pb2 import Status
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
     from tensorboardX.proto.summary_pb2 import SummaryMetadata
