@@ -6,6 +6,14 @@ or job's cluster, or start an embedded local Ray with `address="local"`, so a st
 the machine is never joined by accident), `scaling_config` (the one `ScalingConfig` of a run's
 workers), `absolute_paths` (paths Ray workers can open from any directory), `result_box` (a
 value handed from rank 0 to the driver) and `check_local_paths_on_nodes`.
+
+Ray's own console lines that a user of `composeae train` on an embedded Ray does not need
+(checkpoint bookkeeping, controller state transitions, moving and wrapping the model for DDP, a
+deprecation notice about Ray Data options that Ray Train's state export reads) stay off the
+console through settings, not by filtering text: Ray Train's console log level
+(`train_logging_config`; its system log files, which the dashboard shows, keep every level) and
+a Python warnings option for the embedded Ray's processes (`QUIET_WARNINGS`). A joined cluster
+(`ray.address`, or `ray job submit`) keeps Ray's defaults, so `ray job logs` show everything.
 """
 
 from __future__ import annotations
@@ -20,6 +28,13 @@ from composeae.storage import absolute_url
 
 STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 """Ray's dashboard shows Train runs only when the Train controller runs with this set to 1."""
+QUIET_WARNINGS = ("ignore::DeprecationWarning:"
+                  "ray.data._internal.execution.interfaces.execution_options")
+"""`PYTHONWARNINGS` for the processes of an embedded Ray: the Train controller builds Ray Data's
+`ExecutionOptions`, whose own constructor sets a deprecated option. With any warnings option set,
+Ray also leaves out its filter that shows each `RayDeprecationWarning` once per module
+(`ray.util.annotations`), so Ray's deprecation notices follow Python's default: not shown outside
+`__main__`."""
 
 
 def _embedded(cfg: Config) -> bool:
@@ -36,8 +51,10 @@ def init_ray(cfg: Config) -> None:
     if not _embedded(cfg):
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    # Processes of the embedded Ray inherit this environment: the Train page gets its runs.
+    # Processes of the embedded Ray inherit this environment: the Train page gets its runs, and
+    # notices about Ray's internals stay off the console (a warnings option of one's own wins).
     os.environ.setdefault(STATE_TRACKING_ENV, "1")
+    os.environ.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
     # Enough logical CPUs for the workers (plus the Train controller), whatever the core count.
     need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
     # The dashboard stays on: people watch runs there, and Ray Train's cleanup polls its state API.
@@ -60,6 +77,15 @@ def scaling_config(cfg: Config, num_workers: int | None = None):
 
     return ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                          resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
+
+
+def train_logging_config(cfg: Config):
+    """Ray Train's logging settings for a run's `RunConfig`: on an embedded Ray its `ray.train`
+    loggers write WARNING and above to the console (the workers print their own progress), on
+    a joined cluster Ray's default (INFO). Ray's system log files keep every level either way."""
+    from ray.train import LoggingConfig  # deferred: see init_ray
+
+    return LoggingConfig(log_level="WARNING" if _embedded(cfg) else "INFO")
 
 
 def absolute_paths(cfg: Config) -> Config:

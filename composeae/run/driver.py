@@ -39,7 +39,7 @@ from composeae.report.run_page import write_report
 from composeae.run import layout
 from composeae.run.build import build_tokenizer
 from composeae.run.cluster import (absolute_paths, check_local_paths_on_nodes, init_ray,
-                                   scaling_config)
+                                   scaling_config, train_logging_config)
 from composeae.run.layout import run_url
 from composeae.run.nodefiles import check_node_files
 from composeae.run.worker import train_loop_per_worker
@@ -128,6 +128,7 @@ def build_trainer(prepared: PreparedRun, cfg: Config | None = None,
         run_config=RunConfig(
             name=cfg.train.name, storage_path=cfg.train.storage, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=train_logging_config(cfg),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep,
                                                checkpoint_score_attribute="score",
                                                checkpoint_score_order="max")),

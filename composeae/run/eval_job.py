@@ -19,7 +19,7 @@ from composeae.errors import UserError
 from composeae.evaluate import NUM_QUERIES, evaluate_with_retrievals
 from composeae.run.build import model_from_checkpoint
 from composeae.run.cluster import (absolute_paths, check_local_paths_on_nodes, init_ray,
-                                   result_box, scaling_config)
+                                   result_box, scaling_config, train_logging_config)
 from composeae.storage import absolute_url
 
 
@@ -81,7 +81,8 @@ def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
                                "split": split, "box": box, "retrievals": num_queries},
             scaling_config=scaling_config(cfg, num_workers),
             # Nothing is checkpointed: the storage only holds Ray's own run bookkeeping.
-            run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp),
+            run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp,
+                                 logging_config=train_logging_config(cfg)),
         ).fit()
     results = ray.get(box.get.remote())
     ray.kill(box)
