@@ -1,19 +1,48 @@
-"""The chosen trial as an experiment file that `composeae train --config` trains again.
+"""The best trial of a sweep, and the chosen trial as an experiment file to train again.
 
-What belongs here: `best_config_yaml`, the resolved config of a trial with a header naming the
-sweep, the trial, its metric and searched values, and the `--set` overrides needed where a
-`ray.profile` would overwrite a value of the file on loading.
+What belongs here: choosing the best trial from Tune's results (`reported_trials`, `best_row`,
+`best_trial`: plain reads of each result's metrics, no Ray call) and `best_config_yaml`, the
+resolved config of a trial with a header naming the sweep, the trial, its metric and searched
+values, and the `--set` overrides needed where a `ray.profile` would overwrite a value of the
+file on loading.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from composeae.config import Config, config_to_dict, dump_config, load_config
 from composeae.sweep.spec import Sweep
 from composeae.sweep.values import yaml_value
+
+
+def reported_trials(sweep: Sweep, grid: Iterable[Any]) -> list[Any]:
+    """The results (`ray.tune.Result`) of the trials that reported `sweep.metric`, in trial-id
+    order, so that of trials tied on the metric the same one is named best whatever order a
+    restored sweep lists them in."""
+    results = sorted((r for r in grid
+                      if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe),
+                     key=lambda r: r.metrics["trial_id"])
+    if not results:
+        raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
+    return results
+
+
+def best_row(sweep: Sweep, result: Any) -> Any:
+    """The reported row (a pandas Series) of a trial's best evaluation by `sweep.metric`."""
+    sign = 1 if sweep.mode == "max" else -1
+    frame = result.metrics_dataframe.dropna(subset=[sweep.metric])
+    return frame.loc[(sign * frame[sweep.metric]).idxmax()]
+
+
+def best_trial(sweep: Sweep, results: list[Any]) -> tuple[Any, Any]:
+    """The best of `reported_trials`' results and the row of its best evaluation (the first in
+    trial-id order among ties)."""
+    sign = 1 if sweep.mode == "max" else -1
+    best = max(results, key=lambda r: sign * best_row(sweep, r)[sweep.metric])
+    return best, best_row(sweep, best)
 
 
 def best_config_yaml(sweep: Sweep, params: Mapping[str, Any], *, trial_id: str | None = None,

@@ -35,7 +35,7 @@ from composeae.run.cluster import check_local_paths_on_nodes, init_ray
 from composeae.run.driver import PreparedRun, build_trainer, finish_run, prepare_run
 from composeae.run.eval_job import evaluate_checkpoint
 from composeae.run.nodefiles import check_node_files
-from composeae.sweep.best import best_config_yaml
+from composeae.sweep.best import best_config_yaml, best_row, best_trial, reported_trials
 from composeae.sweep.spec import Sweep
 from composeae.sweep.values import is_finite_number, plain
 
@@ -112,23 +112,9 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
 
 
 def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
-    # In trial-id order, so that of trials tied on the metric the same one is named best
-    # whatever order a restored sweep lists them in.
-    results = sorted((r for r in grid
-                      if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe),
-                     key=lambda r: r.metrics["trial_id"])
-    if not results:
-        raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
-    sign = 1 if sweep.mode == "max" else -1
-
-    def best_row(result):
-        frame = result.metrics_dataframe.dropna(subset=[sweep.metric])
-        return frame.loc[(sign * frame[sweep.metric]).idxmax()]
-
-    _write_hparams(sweep, results, best_row)
-
-    best = max(results, key=lambda r: sign * best_row(r)[sweep.metric])
-    row = best_row(best)
+    results = reported_trials(sweep, grid)
+    _write_hparams(sweep, results)
+    best, row = best_trial(sweep, results)
     trial_id = best.metrics["trial_id"]
     params = {k: plain(best.config[k]) for k in sweep.space}
     cfg = trial_config(sweep, params, trial_id)
@@ -161,12 +147,12 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     return summary
 
 
-def _write_hparams(sweep: Sweep, results, best_row) -> None:
+def _write_hparams(sweep: Sweep, results) -> None:
     """One TensorBoard HParams entry per trial that reported: its parameters beside the
     validation recall of its best evaluation (and test recall when it ran to the end)."""
     hparams = storage.join(sweep.experiment_url, layout.HPARAMS_DIR)
     for result in results:
-        row = best_row(result)
+        row = best_row(sweep, result)
         metrics = {k: float(row[k]) for k in row.index
                    if k.startswith("val/") and is_finite_number(row[k])}
         metrics |= {k: float(v) for k, v in result.metrics.items()
