@@ -57,26 +57,20 @@ def _targets(module: str, is_package: bool, node: ast.AST) -> list[str]:
 
 
 def _imports() -> dict[str, list[tuple[str, bool, int]]]:
-    """module -> [(imported module, at top level, line)]."""
+    """module -> [(imported module, at top level, line)]. Imports under `if TYPE_CHECKING:` are
+    read by type checkers only, so they make no edge."""
     graph = {}
     for module, (path, is_package) in MODULES.items():
         tree = ast.parse(path.read_text(), str(path))
-        top = set()
-        for node in tree.body:
-            # An `if TYPE_CHECKING:` block is read by type checkers only: no run-time edge.
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                top.add(id(node))
-        edges = []
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-                for inner in ast.walk(node):
-                    top.add(id(inner))
-                    inner.type_checking = True
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(
-                    node, "type_checking", False):
-                for target in _targets(module, is_package, node):
-                    edges.append((target, id(node) in top, node.lineno))
-        graph[module] = edges
+        typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", "") == "TYPE_CHECKING"
+                       for inner in ast.walk(node)}
+        top = {id(node) for node in tree.body}
+        graph[module] = [(target, id(node) in top, node.lineno)
+                         for node in ast.walk(tree)
+                         if isinstance(node, (ast.Import, ast.ImportFrom))
+                         and id(node) not in typing_only
+                         for target in _targets(module, is_package, node)]
     return graph
 
 
@@ -148,8 +142,12 @@ def test_no_module_shadows_ray():
     assert not [m for m in MODULES if m.split(".")[-1] in ("train", "tune")]
 
 
-def test_models_import_neither_ray_nor_the_run_layer():
-    bad = [f"{m} -> {t}" for m, edges in GRAPH.items() if m.startswith("composeae.models")
-           for t, _, _ in edges if t.split(".")[0] == "ray" or t.startswith("composeae.run")
-           or t.startswith("composeae.data")]
-    assert not bad
+def test_models_and_data_stay_apart_and_off_ray():
+    """Models are pure PyTorch (no Ray, no data plane, no files from storage); the data plane
+    imports no model."""
+    def bad(prefix: str, forbidden: tuple[str, ...]) -> list[str]:
+        return [f"{m} -> {t}" for m, edges in GRAPH.items() if m.startswith(prefix)
+                for t, _, _ in edges if t.split(".")[0] == "ray" or t.startswith(forbidden)]
+
+    assert not bad("composeae.models", ("composeae.data", "composeae.storage"))
+    assert not bad("composeae.data", ("composeae.models",))

@@ -27,8 +27,9 @@ from composeae.sweep.values import plain, yaml_value
 
 @dataclass(frozen=True)
 class Dist:
-    """One searched key's distribution: `kind` in DISTRIBUTIONS; `args` the values (choice, grid)
-    or `(low, high)` (uniform, loguniform: high exclusive; randint: high inclusive)."""
+    """One searched key's distribution: `kind` one of `composeae.sweep.load.DISTRIBUTIONS`;
+    `args` the values (choice, grid) or `(low, high)` (uniform, loguniform: high exclusive;
+    randint: high inclusive)."""
     kind: str
     args: tuple
 
@@ -49,7 +50,8 @@ class Dist:
 
 @dataclass(frozen=True)
 class Sweep(TuneObjects):
-    """A validated sweep file with its `--set` overrides applied; see the module docstring."""
+    """A validated sweep file with its `--set` overrides applied (`composeae.sweep.load`
+    documents the file and builds this)."""
     name: str
     base_path: Path
     """The experiment config every trial starts from (absolute)."""
