@@ -6,6 +6,6 @@ first; each built-in model module registers itself in it when imported below.
 
 from composeae.models.zoo import (create_model, describe_models, list_models, model_class,
                                   register_model)
-from composeae.models import baselines, composeae, tirg  # noqa: F401, E402  (registration)
+from composeae.models import baselines, composeae, tirg  # noqa: F401  (registration)
 
 __all__ = ["create_model", "describe_models", "list_models", "model_class", "register_model"]
