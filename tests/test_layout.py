@@ -23,9 +23,9 @@ LAYERS = {
     "composeae.cli": 7, "composeae.testing": 7,
 }
 """foundation -> data, models -> evaluate -> report -> run -> registry -> sweep, nightly -> cli.
-The registry stands below nightly (which registers and promotes) and above the run layer (whose
-paths it resolves); the test helpers stand apart at the top: nothing in the library imports
-them. `composeae/__init__.py` imports nothing."""
+The registry (versions and aliases in storage) stands below nightly, which registers and promotes
+in it; the test helpers stand apart at the top: nothing in the library imports them.
+`composeae/__init__.py` imports nothing."""
 
 HEAVY = {"ray", "torch", "torchvision", "transformers", "tokenizers", "matplotlib",
          "tensorboardX", "optuna", "PIL"}
