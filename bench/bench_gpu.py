@@ -114,7 +114,7 @@ def host_batches(batch_size: int, image_size: int, pin: bool,
 def init_process_group(cuda: bool) -> str:
     import torch.distributed as dist
 
-    from composeae.localcluster import free_port
+    from composeae.testing.localcluster import free_port
 
     backend = "nccl" if cuda else "gloo"
     # device_id binds the NCCL communicator to GPU 0 up front (no device guessing at first use).
@@ -131,7 +131,7 @@ def build(model_name: str, row: Row, tokenizer, device: torch.device, steps: int
 
     from composeae.config import load_config
     from composeae.optim import build_optimizer, build_scheduler
-    from composeae.zoo import create_model
+    from composeae.models.zoo import create_model
 
     # The optimizer css-synth-full.yaml trains with; its groups come from the unwrapped model.
     cfg = load_config(None, [f"model.name={model_name}", f"model.image_encoder={row.image_encoder}",
@@ -153,7 +153,7 @@ def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    from composeae.train import train_step  # the step every rank of a training run takes
+    from composeae.run.worker import train_step  # the step every rank of a training run takes
 
     model, optimizer, scheduler, cfg = build(model_name, row, tokenizer, device,
                                              args.warmup + args.steps)

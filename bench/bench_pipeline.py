@@ -52,7 +52,7 @@ def start_s3() -> tuple[object, str]:
 
 
 def copy_to_s3(local: str, bucket: str) -> str:
-    from composeae.data import storage
+    from composeae import storage
 
     storage.s3_client().create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/css-synth"
@@ -70,7 +70,7 @@ def _decode_range(args: tuple[int, int, int, int]) -> tuple[int, float]:
     """Decode samples [start, stop) and collate them in batches; (count, CPU seconds)."""
     import torch
 
-    from composeae.data.stream import SampleDecoder, collate, normalise_batch
+    from composeae.data.decode import collate, normalise_batch, SampleDecoder
 
     start, stop, image_size, batch_size = args
     if multiprocessing.parent_process() is not None:
@@ -100,8 +100,8 @@ def run_floor(pool, args: argparse.Namespace) -> tuple[float, float, float]:
 
 
 def load_floor_samples(url: str) -> None:
-    from composeae.data import storage
-    from composeae.data.writer import read_manifest
+    from composeae import storage
+    from composeae.data.shardset import read_manifest
 
     shards = read_manifest(url)["splits"]["train"]["triplets"]["shards"]
     urls = [storage.join(url, s["name"]) for s in shards]

@@ -86,7 +86,7 @@ def run_one(model: str, seed: int, args, storage: str, done: dict[str, dict[str,
     """Train and test one (model, seed), or return its recall from `done` (the `--results` file
     read once, by overrides); a finished run is appended to that file and to `done`."""
     from composeae.config import load_config
-    from composeae.driver import run_training
+    from composeae.run.driver import run_training
 
     overrides = [
         f"model.name={model}", f"train.seed={seed}", f"train.steps={args.steps}",
@@ -214,7 +214,7 @@ def main() -> None:
     if args.ablations and args.models == MODELS:
         args.models = ["composeae"]
 
-    from composeae.data import storage
+    from composeae import storage
     from composeae.data.synth import generate
 
     if not storage.exists(storage.join(args.data, "manifest.json")):

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference  # noqa: E402
 
-from composeae.metrics import recall_at_k  # noqa: E402
+from composeae.metrics import first_hit_rank, recall_from_ranks  # noqa: E402
+
+
+def recall_at_k(query, gallery, query_labels, gallery_labels, *, ks, exclude=None,
+                chunk_size=1024):
+    """R@K as `composeae.evaluate` scores one gallery: the ranks, then the fraction below K."""
+    return recall_from_ranks(first_hit_rank(query, gallery, query_labels, gallery_labels,
+                                            exclude=exclude, chunk_size=chunk_size), ks)
 
 KS = (1, 5, 10, 50, 100)
 

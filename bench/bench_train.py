@@ -36,10 +36,10 @@ def bench_config(shards: str, steps: int):
 
 
 def _model_and_optimizer(cfg):
-    from composeae.data.stream import load_corpus
+    from composeae.data.shardset import load_corpus
     from composeae.models.text import build_tokenizer
     from composeae.optim import build_optimizer, build_scheduler
-    from composeae.zoo import create_model
+    from composeae.models.zoo import create_model
 
     torch.manual_seed(0)
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))
@@ -58,9 +58,9 @@ def memory_batches(cfg, count: int) -> list[dict]:
 
 
 def timed_steps(model, optimizer, scheduler, batches, cfg, warmup: int = 3) -> float:
-    """samples/s of the production step (`composeae.train.train_step`) over `batches`, after
+    """samples/s of the production step (`composeae.run.worker.train_step`) over `batches`, after
     `warmup` untimed steps."""
-    from composeae.train import train_step
+    from composeae.run.worker import train_step
 
     model.train()
     device = next(model.parameters()).device
@@ -126,7 +126,7 @@ def ray_loop(cfg, batches, mode: str, tmp: str) -> float:
 
 def job_latency(shards: str, runs: str) -> float:
     """Seconds from `ray job submit` to the first logged training step."""
-    from composeae.localcluster import LocalHead
+    from composeae.testing.localcluster import LocalHead
 
     job_id = f"bench-{uuid.uuid4().hex[:8]}"
     with LocalHead(num_cpus=2) as head:

@@ -32,8 +32,8 @@ SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "css-synth.yaml"
 
 
 def run(scheduler: str, seed: int, args, storage: str) -> dict[str, float]:
-    from composeae.sweep import load_sweep
-    from composeae.tune import run_sweep
+    from composeae.sweep.load import load_sweep
+    from composeae.sweep.driver import run_sweep
 
     asha = [f"scheduler.reduction_factor={args.reduction_factor}"] if scheduler == "asha" else []
     sweep = load_sweep(SWEEP, [

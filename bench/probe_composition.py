@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def probe(url: str, batches: int) -> dict[str, float]:
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
     from composeae.data.stream import eval_batches
     from composeae.models.composeae import ComposeAE
 

@@ -11,9 +11,11 @@ A checkpoint is one `torch.save`d dict of plain values (loadable with `weights_o
     optimizer / scheduler   their state dicts when written by training
 
 Files are written under a temporary name and renamed, so a reader never sees half a checkpoint.
-A model built with a pretrained BERT directory (`model.bert_path`, a local path or an `s3://`
-prefix cached per node) needs that directory when the checkpoint is loaded: it supplies the
-architecture, the weights come from the checkpoint.
+What belongs here: the checkpoint dict, writing and reading it. Rebuilding a model from one is
+the run layer's (`composeae.run.build.model_from_checkpoint`): a model built with a pretrained
+BERT directory (`model.bert_path`, a local path or an `s3://` prefix cached per node) needs that
+directory on the node that loads it; it supplies the architecture, the weights come from the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from composeae.config import Config, config_from_dict, config_to_dict, replace
+from composeae import storage
+from composeae.config import Config, config_to_dict
 from composeae.distributed import unwrap
 from composeae.errors import UserError
-from composeae.models.text import tokenizer_from_state
-from composeae.zoo import create_model
 
 CHECKPOINT_FORMAT = 1
 MODEL_FILE = "model.pt"
 
 
 def checkpoint_state(model: nn.Module, cfg: Config, **extra: Any) -> dict[str, Any]:
+    """The checkpoint dict of a (possibly DDP-wrapped) registered model, with `extra` entries."""
     model = unwrap(model)
     state = {"format": CHECKPOINT_FORMAT, "model_name": model.registered_name,
              "config": config_to_dict(cfg), "tokenizer": model.tokenizer.state(),
@@ -62,8 +64,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Read a checkpoint file or run checkpoint directory, local or `s3://`."""
-    from composeae.data import storage
-
     if not url.endswith(".pt"):
         url = storage.join(url, MODEL_FILE)
     if not storage.exists(url):
@@ -72,13 +72,3 @@ def load_checkpoint(url: str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{url} is not a composeae checkpoint (format {CHECKPOINT_FORMAT})")
     return state
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, Config]:
-    """Rebuild the model (eval mode, CPU) and its config from a loaded checkpoint."""
-    cfg = config_from_dict(state["config"])
-    # The backbone's initial weights file is not needed: the checkpoint holds trained weights.
-    build = replace(cfg, model={"image_weights": None})
-    model = create_model(build.model, build.loss, tokenizer_from_state(state["tokenizer"]))
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg

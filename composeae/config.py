@@ -5,6 +5,9 @@
 and validates everything. Unknown keys, wrong types and impossible values raise `UserError`
 naming the key, so a bad config fails before any worker starts. `dump_config` writes the
 resolved tree back to YAML (next to every run and inside every checkpoint).
+
+One module, longer than most, on purpose: each key's documentation sits beside the type that
+checks it, the rule that validates it and the loader that reads it, and every layer imports it.
 """
 
 from __future__ import annotations
@@ -287,7 +290,7 @@ _NON_NEGATIVE = {
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot (ranges, cross-field rules).
 
-    Model names are checked where models are created (`composeae.zoo`): the config tree
+    Model names are checked where models are created (`composeae.models.zoo`): the config tree
     knows nothing of the model zoo."""
     for dotted in _POSITIVE | _NON_NEGATIVE:
         section, key = dotted.split(".")
@@ -480,3 +483,10 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     for name, values in sections.items():
         raw[name].update(values)
     return config_from_dict(raw)
+
+
+def add_override_option(parser, help: str = "override a config value (repeatable)",
+                        metavar: str = "SECTION.KEY=VALUE") -> None:
+    """The `--set` option of a subcommand (an `argparse` parser): repeatable `key=value`
+    overrides, collected in `args.set` for `load_config` (or `load_sweep`)."""
+    parser.add_argument("--set", action="append", default=[], metavar=metavar, help=help)

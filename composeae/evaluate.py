@@ -8,9 +8,16 @@ manifest says whether the query's own reference image leaves its ranking (on for
 but FashionIQ) and whether queries are also ranked against one joint gallery of all groups
 (FashionIQ: ComposeAE's protocol, reported as `joint/R@K` beside the per-category `R@K`).
 
-`evaluate_checkpoint` is `composeae eval`: the same code on Ray Train workers for a checkpoint.
-`evaluate_with_retrievals` also returns the top-K gallery images of a few fixed queries
-(`composeae.retrievals`), for the pictures of the run report and of `composeae eval --report`.
+`evaluate_with_retrievals` also returns what the model retrieves: the top-K gallery images of a
+few fixed queries (`top_k`), a small JSON-able record for the pictures of the run report and of
+`composeae eval --report` (drawn by `composeae.report.retrievals`). The queries are the same for
+every run on a dataset: evenly spaced in the order of their query ids, whatever the ranks and
+loader workers that gathered them. The order of the K images resolves ties of similarity against
+the query, as `composeae.metrics` counts ranks: a correct image tied with a wrong one is shown
+after it, so the page agrees with R@K.
+
+What belongs here: embedding, gathering and scoring, pure of Ray and of any page; evaluating
+checkpoints as a Ray job is `composeae.run.eval_job`.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from composeae import retrievals
-from composeae.config import Config, DataConfig, EvalConfig
+from composeae.config import DataConfig, EvalConfig
+from composeae.data import schema, shardset
+from composeae.data.stream import eval_batches
 from composeae.distributed import autocast_context, gather_objects
 from composeae.metrics import (encode_labels, first_hit_rank, recall_from_ranks,
                                subset_recall_at_k)
+
+NUM_QUERIES = 6
+"""Fixed queries shown per split."""
+K = 5
+"""Gallery images shown per query."""
 
 
 @torch.no_grad()
@@ -68,16 +82,12 @@ def evaluate(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *, rank:
 
 def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: EvalConfig, *,
                              rank: int, world_size: int, device: torch.device,
-                             precision: str = "auto", num_queries: int = retrievals.NUM_QUERIES,
-                             k: int = retrievals.K) -> tuple[dict[str, float], dict | None]:
+                             precision: str = "auto", num_queries: int = NUM_QUERIES,
+                             k: int = K) -> tuple[dict[str, float], dict | None]:
     """`evaluate`, and what the model retrieves for `num_queries` fixed queries of the split:
-    `composeae.retrievals.top_k`'s record (None when `num_queries` is 0). Both are the same on
+    `top_k`'s record (None when `num_queries` is 0). Both are the same on
     every rank."""
-    from composeae.data import schema, shardset
-    from composeae.data.stream import eval_batches
-    from composeae.data.writer import read_manifest
-
-    manifest = read_manifest(data.url)
+    manifest = shardset.read_manifest(data.url)
     was_training = model.training
     model.eval()
     try:
@@ -94,7 +104,7 @@ def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: Eval
     exclude = shardset.exclude_reference(manifest)
     metrics = score(queries, gallery, eval_cfg, exclude_reference=exclude,
                     joint=shardset.joint_gallery(manifest))
-    record = (retrievals.top_k(queries, gallery, num_queries=num_queries, k=k,
+    record = (top_k(queries, gallery, num_queries=num_queries, k=k,
                                exclude_reference=exclude, split=split) if num_queries else None)
     return metrics, record
 
@@ -159,108 +169,59 @@ def _recall(queries: dict[str, Any], gallery: dict[str, Any], eval_cfg: EvalConf
     return recall_from_ranks(ranks, eval_cfg.ks, q_groups)
 
 
-def format_table(metrics: dict[str, float], title: str = "") -> str:
-    """A small text table of R@K values (as percentages, like the papers); a legend line says
-    which gallery each column used when the joint gallery was scored too."""
-    keys = [k for k in metrics if "R@" in k or "Rs@" in k]
-    widths = [max(10, len(k)) for k in keys]
-    head = " ".join(f"{k:>{w}}" for k, w in zip(keys, widths))
-    row = " ".join(f"{100 * metrics[k]:>{w}.2f}" for k, w in zip(keys, widths))
-    legend = ("R@K: one gallery per category (mean over categories); joint/R@K: one gallery of "
-              "all categories" if any(JOINT in k for k in keys) else "")
-    return "\n".join(x for x in (title, head, row, legend) if x)
+# -- what the model retrieves for a few fixed queries ----------------------------------------
+
+def pick_queries(query_ids: list[str], n: int = NUM_QUERIES) -> list[int]:
+    """Indices into `query_ids` of `n` queries evenly spaced in id order (all when fewer): the
+    same queries whatever order the ranks gathered them in."""
+    order = sorted(range(len(query_ids)), key=lambda i: query_ids[i])
+    if n >= len(order):
+        return order
+    return [order[(2 * j + 1) * len(order) // (2 * n)] for j in range(n)]
 
 
-def _eval_worker(config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
+def top_k(queries: dict[str, Any], gallery: dict[str, Any], *, num_queries: int = NUM_QUERIES,
+          k: int = K, exclude_reference: bool = True, split: str = "") -> dict[str, Any]:
+    """The K most similar gallery images of each fixed query, by the hit rule of the recall.
 
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
-    from composeae.config import config_from_dict
-
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device()
-    cfg = config_from_dict(config["cfg"])
-    results = []
-    for checkpoint in config["checkpoints"]:
-        model, _ = model_from_checkpoint(load_checkpoint(checkpoint))
-        model.to(device)
-        results.append(evaluate_with_retrievals(
-            model, cfg.data, config["split"], cfg.eval, rank=ctx.get_world_rank(),
-            world_size=ctx.get_world_size(), device=device, precision=cfg.train.precision,
-            num_queries=config.get("retrievals", 0)))
-        del model
-    if ctx.get_world_rank() == 0:
-        # Every rank holds the same tables; rank 0's travel back through Ray, wherever it runs.
-        ray.get(config["box"].put.remote(results))
-
-
-def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = "test",
-                         num_workers: int | None = None) -> list[dict[str, float]]:
-    """Recall of each checkpoint on `data_url`'s `split`, in one Ray Train job (the same workers,
-    shards and evaluation settings for all, so tables compare like with like); returns one
-    {"<split>/R@K": value} per checkpoint. The first checkpoint's config sets the evaluation
-    settings and workers. Prints nothing (the command line prints the tables)."""
-    return [table for table, _ in _evaluation_job(checkpoints, data_url, split=split,
-                                                  num_workers=num_workers)]
-
-
-def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
-                    num_workers: int | None, num_queries: int = 0
-                    ) -> list[tuple[dict[str, float], dict | None]]:
-    """`evaluate_checkpoints`, each table with its retrieval record (with `num_queries`)."""
-    import tempfile
-    import uuid
-
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from composeae.checkpoint import load_checkpoint
-    from composeae.config import config_from_dict, config_to_dict, replace
-    from composeae.data.stream import has_split
-    from composeae.driver import (absolute_paths, absolute_url, check_local_paths_on_nodes,
-                                  init_ray, result_box)
-    from composeae.errors import UserError
-
-    checkpoints = [absolute_url(c) for c in checkpoints]
-    cfg: Config = config_from_dict(load_checkpoint(checkpoints[0])["config"])
-    cfg = absolute_paths(replace(cfg, data={"url": data_url}))
-    if not has_split(cfg.data, split):
-        raise UserError(f"dataset {data_url} has no split {split!r}")
-    init_ray(cfg)
-    names = (["--checkpoint"] if len(checkpoints) == 1
-             else [f"checkpoint {i + 1}" for i in range(len(checkpoints))])
-    check_local_paths_on_nodes({"--data": cfg.data.url} | dict(zip(names, checkpoints)))
-    box = result_box()
-    with tempfile.TemporaryDirectory() as tmp:
-        TorchTrainer(
-            _eval_worker,
-            train_loop_config={"checkpoints": checkpoints, "cfg": config_to_dict(cfg),
-                               "split": split, "box": box, "retrievals": num_queries},
-            scaling_config=ScalingConfig(num_workers=num_workers or cfg.ray.num_workers,
-                                         use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            # Nothing is checkpointed: the storage only holds Ray's own run bookkeeping.
-            run_config=RunConfig(name=f"eval-{split}-{uuid.uuid4().hex[:8]}", storage_path=tmp),
-        ).fit()
-    results = ray.get(box.get.remote())
-    ray.kill(box)
-    return [({f"{split}/{k}": v for k, v in table.items()}, record) for table, record in results]
-
-
-def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
-                        num_workers: int | None = None) -> dict[str, float]:
-    """`evaluate_checkpoints` for one checkpoint: `composeae eval`."""
-    return evaluate_checkpoints([checkpoint], data_url, split=split, num_workers=num_workers)[0]
-
-
-def evaluate_checkpoint_with_retrievals(checkpoint: str, data_url: str, *, split: str = "test",
-                                        num_workers: int | None = None,
-                                        num_queries: int = retrievals.NUM_QUERIES
-                                        ) -> tuple[dict[str, float], dict]:
-    """`evaluate_checkpoint` and the checkpoint's retrievals for `num_queries` fixed queries of
-    the split (`composeae.retrievals.top_k`'s record): `composeae eval --report`."""
-    return _evaluation_job([checkpoint], data_url, split=split, num_workers=num_workers,
-                           num_queries=num_queries)[0]
+    queries / gallery: as `composeae.evaluate.score` gets them ("emb" (N, D) tensors and metadata
+    lists). A query ranks the gallery images of its group, without the image of its reference id
+    when `exclude_reference`; an image is correct (`hit`) when its label is the query's target
+    label. Each query also carries `first_hit_rank` (0-based; the rank `first_hit_rank` of
+    `composeae.metrics` gives it) and `first_hit_id`, None when no image of its gallery is correct.
+    """
+    picked = pick_queries(queries["query_id"], num_queries)
+    record: dict[str, Any] = {"split": split, "k": k, "exclude_reference": exclude_reference,
+                              "queries": []}
+    if not picked or len(gallery["image_id"]) == 0:
+        return record
+    g_emb = F.normalize(gallery["emb"].float(), dim=1)
+    q_emb = F.normalize(queries["emb"][picked].float(), dim=1)
+    sims = torch.mm(q_emb, g_emb.T).numpy()  # (n, G): n is a handful
+    g_ids = np.asarray(gallery["image_id"], dtype=object)
+    g_labels = np.asarray(gallery["label"], dtype=object)
+    g_groups = np.asarray(gallery["group"], dtype=object)
+    for row, i in enumerate(picked):
+        valid = g_groups == queries["group"][i]
+        if exclude_reference:
+            valid &= g_ids != queries["reference_id"][i]
+        candidates = np.flatnonzero(valid)
+        sim = sims[row, candidates]
+        hit = g_labels[candidates] == queries["target_label"][i]
+        # By similarity, highest first; among equal similarities the wrong images first.
+        order = np.lexsort((hit, -sim))
+        hits = np.flatnonzero(hit[order])
+        first = int(hits[0]) if len(hits) else None
+        record["queries"].append({
+            "query_id": queries["query_id"][i],
+            "reference_id": queries["reference_id"][i],
+            "target_id": queries["target_id"][i],
+            "target_label": queries["target_label"][i],
+            "group": queries["group"][i],
+            "top": [{"image_id": str(g_ids[candidates[j]]), "label": str(g_labels[candidates[j]]),
+                     "similarity": round(float(sim[j]), 4), "hit": bool(hit[j])}
+                    for j in order[:k]],
+            "first_hit_rank": first,
+            "first_hit_id": None if first is None else str(g_ids[candidates[order[first]]]),
+        })
+    return record

@@ -11,7 +11,7 @@ are ranked (one gallery per FashionIQ category). Memory is O(chunk_size x G): th
 similarity matrix is never formed.
 
 Several groups: `recall_from_ranks` averages the groups' recalls (FashionIQ's category mean);
-`recall_at_k` pools all queries.
+without groups it pools all queries.
 
 Ties: the best hit's rank counts every valid non-hit whose similarity is greater than *or equal
 to* the hit's (ties are resolved against the query). The result then does not depend on the order
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["NO_HIT", "encode_labels", "first_hit_rank", "recall_at_k", "recall_from_ranks",
-           "subset_recall_at_k"]
+__all__ = ["NO_HIT", "encode_labels", "first_hit_rank", "recall_from_ranks", "subset_recall_at_k"]
 
 NO_HIT = torch.iinfo(torch.int64).max
 """The rank of a query with no valid hit in its gallery: a miss at every K."""
@@ -126,7 +125,14 @@ def first_hit_rank(
 
     The rank is the number of valid non-hits whose similarity is >= the best hit's (see the
     module docstring on ties); NO_HIT when the query has no valid hit. A query hits at K exactly
-    when its rank is < K. Arguments as for `recall_at_k`.
+    when its rank is < K.
+
+    query (Q, D) and gallery (G, D) embeddings; query_labels (Q,) and gallery_labels (G,) int64
+    (see `encode_labels`); a gallery item is a hit when its label equals the query's.
+    exclude: (Q,) gallery index to drop per query, -1 for none (or (Q, E) for several).
+    query_groups (Q,) / gallery_groups (G,): a query ranks only the gallery items of its group.
+    chunk_size: queries per block; memory is O(chunk_size x G). normalize: cosine similarity
+    (otherwise the raw dot product).
     """
     if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query (Q, D) and gallery (G, D) must share D; got {tuple(query.shape)} "
@@ -183,39 +189,6 @@ def first_hit_rank(
     return ranks
 
 
-def recall_at_k(
-    query: Tensor,
-    gallery: Tensor,
-    query_labels: Tensor,
-    gallery_labels: Tensor,
-    *,
-    ks: Sequence[int] = (1, 5, 10, 50, 100),
-    exclude: Tensor | None = None,
-    query_groups: Tensor | None = None,
-    gallery_groups: Tensor | None = None,
-    chunk_size: int = 1024,
-    normalize: bool = True,
-) -> dict[str, float]:
-    """Fraction of queries with a hit among their top K gallery items, for each K in ks.
-
-    query (Q, D) and gallery (G, D) embeddings; query_labels (Q,) and gallery_labels (G,) int64
-    (see `encode_labels`); a gallery item is a hit when its label equals the query's.
-    exclude: (Q,) gallery index to drop per query, -1 for none (or (Q, E) for several).
-    query_groups (Q,) / gallery_groups (G,): a query ranks only the gallery items of its group.
-    chunk_size: queries per block; memory is O(chunk_size x G). normalize: cosine similarity
-    (otherwise the raw dot product). K larger than the valid gallery counts every query that has
-    a valid hit. Returns {"R@1": ..., "R@5": ...} with values in [0, 1].
-    """
-    if query.shape[0] == 0:
-        raise ValueError("recall needs at least one query")
-    if not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers; got {tuple(ks)}")
-    ranks = first_hit_rank(query, gallery, query_labels, gallery_labels, exclude=exclude,
-                           query_groups=query_groups, gallery_groups=gallery_groups,
-                           chunk_size=chunk_size, normalize=normalize)
-    return {f"R@{int(k)}": (ranks < int(k)).double().mean().item() for k in ks}
-
-
 def subset_recall_at_k(query: Tensor, gallery: Tensor, subsets: Tensor, targets: Tensor, *,
                        ks: Sequence[int] = (1, 2, 3), normalize: bool = True) -> dict[str, float]:
     """Recall_subset@K (CIRR): the target's rank among a small candidate set per query.
@@ -223,7 +196,7 @@ def subset_recall_at_k(query: Tensor, gallery: Tensor, subsets: Tensor, targets:
     query (Q, D), gallery (G, D); subsets (Q, M) gallery indices of each query's candidates,
     padded with -1 (the caller leaves the reference out); targets (Q,) the gallery index of each
     query's target. A query hits at K when fewer than K other candidates score at least as high
-    as its target (ties count against it, as in `recall_at_k`); a target outside its subset is a
+    as its target (ties count against it, as in `first_hit_rank`); a target outside its subset is a
     miss. Returns {"Rs@K": fraction}.
     """
     query, gallery = _float(query), _float(gallery)

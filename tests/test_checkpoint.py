@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from composeae.checkpoint import (checkpoint_state, load_checkpoint, model_from_checkpoint,
-                                  save_checkpoint)
+from composeae.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+from composeae.run.build import model_from_checkpoint
 from composeae.config import Config, replace
 from composeae.errors import UserError
 from composeae.models.text import build_tokenizer
-from composeae.zoo import create_model
+from composeae.models.zoo import create_model
 
 CORPUS = ["add a red circle", "remove the blue square", "make it small"]
 

@@ -198,7 +198,7 @@ def test_entrypoint_config_resolves_for_the_cluster(where, entrypoint, monkeypat
     assert cfg.data.url.startswith("s3://"), f"{where}: shards read from {cfg.data.url}"
     assert cfg.ray.use_gpu, f"{where}: trains without GPUs"
     if is_nightly(where):
-        from composeae.nightly import RUN_PREFIX, parse_date
+        from composeae.nightly.flow import parse_date, RUN_PREFIX
 
         assert option_values(args, "--date") == [NIGHT], f"{where}: the night is not {NIGHT}"
         assert RUN_PREFIX + parse_date(NIGHT) == f"nightly-{NIGHT}"
@@ -281,7 +281,7 @@ def test_runtime_env_excludes_what_must_not_be_uploaded():
                 "composeae/__pycache__/x.pyc"]:
         assert excluded(ROOT / rel), f"{rel} would be uploaded with every job"
     for rel in ["composeae/train.py", "jobs/train.py", "jobs/configs/css-synth-full.yaml",
-                "ray_config.yaml", "pyproject.toml", "composeae/data/storage.py"]:
+                "ray_config.yaml", "pyproject.toml", "composeae/storage.py"]:
         assert not excluded(ROOT / rel), f"{rel} would be left out of the job's working dir"
 
 

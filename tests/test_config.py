@@ -62,7 +62,7 @@ def test_errors_name_the_key(tmp_path, text, overrides, needle):
 
 
 def test_unknown_model_is_named_where_models_are_created():
-    from composeae.zoo import model_class
+    from composeae.models.zoo import model_class
 
     cfg = load_config(None, ["model.name=resnet_magic"])  # the config tree knows no model zoo
     with pytest.raises(UserError) as err:

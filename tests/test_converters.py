@@ -16,7 +16,7 @@ from PIL import Image
 import fixtures_datasets as fx
 from composeae.data import schema, sources
 from composeae.data.sources import mitstates
-from composeae.data.writer import read_manifest
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from composeae.config import EvalConfig
-from composeae.evaluate import format_table, score
+from composeae.report.tables import format_table
+from composeae.evaluate import score
 
 GALLERY_IDS = ["a", "b", "c", "d"]
 # Gallery embeddings: four orthogonal directions.
@@ -73,8 +74,9 @@ class MeanColour(torch.nn.Module):
 
 def test_fashioniq_keeps_the_reference_in_the_ranking(tmp_path):
     from composeae.config import DataConfig
-    from composeae.data import schema, sources, storage
-    from composeae.data.writer import read_manifest
+    from composeae import storage
+    from composeae.data import schema, sources
+    from composeae.data.shardset import read_manifest
     from composeae.evaluate import evaluate
 
     import fixtures_datasets as fx
@@ -109,7 +111,7 @@ def test_retrievals_of_fixed_queries_are_read_back_and_drawn(tmp_path):
     from composeae.config import DataConfig
     from composeae.data import sources
     from composeae.evaluate import evaluate, evaluate_with_retrievals
-    from composeae.retrievals import render_section
+    from composeae.report.retrievals import render_section
 
     import fixtures_datasets as fx
 

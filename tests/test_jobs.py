@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from composeae.localcluster import LocalHead
+from composeae.testing.localcluster import LocalHead
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = ROOT / "cluster" / "runtime_env.yaml"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
-from composeae.model_registry import ModelRegistry
+from composeae.registry.store import ModelRegistry
 
 
 @pytest.fixture(params=["local", "s3"])

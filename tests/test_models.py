@@ -11,7 +11,7 @@ from torch import nn
 from composeae.config import Config, replace
 from composeae.models.composeae import REAL_POOLED, rotate
 from composeae.models.text import WordPieceTokenizer, WordTokenizer, build_tokenizer
-from composeae.zoo import create_model, list_models
+from composeae.models.zoo import create_model, list_models
 
 from fixtures_models import CORPUS, save_tiny_bert
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 
 from composeae.config import load_config, replace
-from composeae.data import storage
+from composeae import storage
 from composeae.data.revisions import append_synth_day, fingerprint
-from composeae.data.writer import read_manifest
-from composeae.model_registry import ModelRegistry
+from composeae.data.shardset import read_manifest
+from composeae.registry.store import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 NIGHTLY_TINY = ROOT / "jobs" / "configs" / "nightly-tiny.yaml"
 
 
 def test_nights_promote_keep_skip_and_roll_back(ray_local, s3_bucket, tmp_path):
-    from composeae.nightly import run_night
+    from composeae.nightly.flow import run_night
 
     registry_url = f"{s3_bucket}/registry"
     cfg = load_config(NIGHTLY_TINY, [f"data.url={tmp_path / 'shards'}",

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from composeae.localcluster import kill_processes_naming
-from composeae.model_registry import ModelRegistry
+from composeae.testing.localcluster import kill_processes_naming
+from composeae.registry.store import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 NIGHTLY_TINY = ROOT / "jobs" / "configs" / "nightly-tiny.yaml"

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from composeae.config import Config, replace
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
-from composeae.nodefiles import (CACHE_ENV, MissingNodeFile, check_node_files, missing_on_nodes,
-                                 resolve_local)
+from composeae.run.nodefiles import (CACHE_ENV, check_node_files, missing_on_nodes,
+                                     MissingNodeFile, resolve_local)
 
 from fixtures_models import CORPUS, save_tiny_bert
 GET_EVENT = "before-parameter-build.s3.GetObject"
@@ -84,7 +84,7 @@ def test_resnet_weights_from_s3_download_once(s3_bucket, cache, gets, tmp_path):
     import torch
     import torchvision
 
-    from composeae.zoo import create_model
+    from composeae.run.build import create_model
     from composeae.models.text import WordTokenizer
 
     torch.manual_seed(5)
@@ -164,8 +164,8 @@ def test_missing_object_bucket_and_prefix_name_the_key(s3_bucket, cache):
 
 
 def _resolve_in_child(url: str, barrier, results) -> None:
-    from composeae.data import storage
-    from composeae.nodefiles import resolve_local
+    from composeae import storage
+    from composeae.run.nodefiles import resolve_local
 
     count = [0]
 
@@ -213,9 +213,8 @@ def test_bert_from_s3_prefix_builds_tokenizer_model_and_checkpoint(s3_bucket, ca
                                                                   tmp_path):
     import torch
 
-    from composeae.checkpoint import checkpoint_state, model_from_checkpoint
-    from composeae.models.text import build_tokenizer
-    from composeae.zoo import create_model
+    from composeae.checkpoint import checkpoint_state
+    from composeae.run.build import build_tokenizer, create_model, model_from_checkpoint
 
     local = tmp_path / "bert"
     local.mkdir()

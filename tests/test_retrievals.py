@@ -7,7 +7,8 @@ import re
 import torch
 
 from composeae.metrics import NO_HIT, encode_labels, first_hit_rank
-from composeae.retrievals import pick_queries, render_section, top_k
+from composeae.evaluate import pick_queries, top_k
+from composeae.report.retrievals import render_section
 
 IDS = ["a", "b", "c", "d", "e", "f"]
 

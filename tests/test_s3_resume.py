@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import pytest
 
 from composeae.config import DataConfig
-from composeae.data import storage
+from composeae import storage
 from composeae.data.stream import eval_batches
 from composeae.data.synth import generate
 

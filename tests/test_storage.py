@@ -7,15 +7,11 @@ import json
 import pytest
 import webdataset as wds
 
-from composeae.data import schema, storage
+from composeae import storage
+from composeae.data import schema
 from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
-from composeae.data.writer import (
-    gallery_sample,
-    query_sample,
-    read_manifest,
-    triplet_sample,
-    write_dataset,
-)
+from composeae.data.writer import gallery_sample, query_sample, triplet_sample, write_dataset
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 

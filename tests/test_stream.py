@@ -12,27 +12,16 @@ import torch
 from PIL import Image
 
 from composeae.config import DataConfig
-from composeae.data import schema, storage
+from composeae import storage
+from composeae.data import schema
 from composeae.data.schema import GalleryMeta, QueryMeta, TripletMeta
-from composeae.data.stream import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    StreamErrors,
-    TrainStream,
-    eval_batches,
-    has_split,
-    load_corpus,
-    tar_members,
-    tar_samples,
-)
+from composeae.data.decode import IMAGE_MEAN, IMAGE_STD
+from composeae.data.tarstream import StreamErrors, tar_members, tar_samples
+from composeae.data.stream import eval_batches, TrainStream
+from composeae.data.shardset import has_split, load_corpus
 from composeae.data.synth import generate
-from composeae.data.writer import (
-    gallery_sample,
-    query_sample,
-    read_manifest,
-    triplet_sample,
-    write_dataset,
-)
+from composeae.data.writer import gallery_sample, query_sample, triplet_sample, write_dataset
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 UNEVEN = (7, 5, 3, 6, 4)

@@ -12,7 +12,10 @@ import yaml
 
 from composeae.config import Config, load_config
 from composeae.errors import UserError
-from composeae.sweep import Dist, best_config_yaml, load_sweep
+from composeae.sweep.spec import Dist
+from composeae.sweep.best import best_config_yaml
+from composeae.sweep.load import load_sweep
+from support.sweeps import preview
 
 ROOT = Path(__file__).parents[1]
 SWEEPS = ROOT / "jobs" / "configs" / "sweeps"
@@ -42,7 +45,7 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
     assert tiny.trial_cpus == 0.1 and tiny.storage == "runs"
     assert tiny.experiment_url == "runs/tiny-sweep"
 
-    trials = tiny.preview()
+    trials = preview(tiny)
     assert len(trials) == tiny.num_trials
     assert sorted(t["model.name"] for t in trials) == ["composeae", "composeae", "tirg", "tirg"]
     for params in trials:
@@ -56,7 +59,7 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
 
 
 def test_trial_config_wants_exactly_the_searched_keys(tiny):
-    params = tiny.preview()[0]
+    params = preview(tiny)[0]
     with pytest.raises(ValueError, match="missing"):
         tiny.trial_config({k: v for k, v in params.items() if k != "loss.w_sym"})
     with pytest.raises(ValueError, match="unknown"):
@@ -72,7 +75,7 @@ def test_shipped_css_synth_sweep(tmp_path):
     assert sweep.space["model.name"] == Dist("grid", ("composeae", "tirg", "concat",
                                                      "realspace_concat_ae"))
     assert sweep.num_trials == 4 * sweep.num_samples
-    trials = sweep.preview()
+    trials = preview(sweep)
     for family in sweep.space["model.name"].args:  # equal budget per family
         assert sum(t["model.name"] == family for t in trials) == sweep.num_samples
     for params in trials:
@@ -228,7 +231,7 @@ def test_command_line_overrides(tiny):
 
 
 def test_best_config_yaml_round_trips(tiny, tmp_path):
-    params = tiny.preview()[1]
+    params = preview(tiny)[1]
     text = best_config_yaml(tiny, params, trial_id="f00d_00001", metrics={"val/R@1": 42.5})
     path = tmp_path / "best.yaml"
     path.write_text(text)
@@ -249,7 +252,7 @@ def test_best_config_yaml_under_a_profile_names_the_sets_it_needs(tmp_path):
     # The cluster profile would overwrite the trial's ray.num_workers=1 when the file is loaded:
     # the header gives the --set that keeps it.
     sweep = load_sweep(TINY_SWEEP, ["ray.profile=cluster"])
-    params = sweep.preview()[0]
+    params = preview(sweep)[0]
     text = best_config_yaml(sweep, params)
     path = tmp_path / "best.yaml"
     path.write_text(text)
@@ -287,9 +290,9 @@ def test_param_space_kinds_and_bounds(tmp_path):
 
 def test_seed_makes_sampling_reproducible(tiny):
     again = load_sweep(TINY_SWEEP)
-    assert tiny.preview() == again.preview()
-    other = load_sweep(TINY_SWEEP, ["seed=1"]).preview()
-    assert [t["loss.w_sym"] for t in other] != [t["loss.w_sym"] for t in tiny.preview()]
+    assert preview(tiny) == preview(again)
+    other = preview(load_sweep(TINY_SWEEP, ["seed=1"]))
+    assert [t["loss.w_sym"] for t in other] != [t["loss.w_sym"] for t in preview(tiny)]
     # The domains themselves, sampled with a seeded generator.
     space = tiny.param_space()
     draw = [space["loss.w_img_rec"].sample(size=5, random_state=np.random.default_rng(s))
@@ -333,13 +336,13 @@ def test_resolved_sweep_round_trips(tiny, tmp_path):
     assert load_sweep(path) == tiny
     absolute = tiny.absolute()
     assert Path(absolute.storage).is_absolute()
-    cfg = absolute.trial_config(tiny.preview()[0])
+    cfg = absolute.trial_config(preview(tiny)[0])
     assert Path(cfg.data.url).is_absolute() and Path(cfg.train.storage).is_absolute()
     assert yaml.safe_load(absolute.to_yaml())["set"]["data.url"] == cfg.data.url
 
 
 def test_loading_a_sweep_starts_no_ray():
-    code = ("import sys; from composeae.sweep import load_sweep; "
+    code = ("import sys; from composeae.sweep.load import load_sweep; "
             f"load_sweep({str(TINY_SWEEP)!r}); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -12,19 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from composeae.sweep_page import (
-    ERROR,
-    PENDING,
-    RUNNING,
-    TERMINATED,
-    SweepPageCallback,
-    SweepSpec,
-    SweepState,
-    csv_columns,
-    render_csv,
-    render_html,
-    render_md,
-)
+from composeae.sweep.page.state import ERROR, PENDING, RUNNING, SweepSpec, SweepState, TERMINATED
+from composeae.sweep.page.callback import SweepPageCallback
+from composeae.sweep.page.render import csv_columns, render_csv, render_html, render_md
 
 PARAMS = ("model.name", "optim.lr")
 
@@ -170,7 +160,7 @@ def _read(tmp_path, name):
 
 
 def test_callback_wiring_throttles_and_survives_pickling(tmp_path):
-    cb = SweepPageCallback(str(tmp_path), PARAMS, min_interval_s=3600)
+    cb = SweepPageCallback(str(tmp_path), SweepSpec(PARAMS), min_interval_s=3600)
     cb.setup(num_samples=2)
     a = _trial("a", PENDING, {"model.name": "composeae", "optim.lr": 0.01})
     b = _trial("b", PENDING, {"model.name": "tirg", "optim.lr": 0.001})
@@ -218,13 +208,13 @@ def test_callback_rebuilds_after_restore(tmp_path):
                  {"step": 10, "val/R@1": 0.1})
     waiting = _trial("waiting", PENDING, {"model.name": "tirg", "optim.lr": 1e-3})
 
-    first = SweepPageCallback(str(tmp_path), PARAMS)
+    first = SweepPageCallback(str(tmp_path), SweepSpec(PARAMS))
     first.on_trial_result(iteration=1, trials=[], trial=done,
                           result={"step": 20, "val/R@1": 0.3})
     saved = pickle.loads(pickle.dumps(first.get_state()))
 
     for state in (saved, None):
-        cb = pickle.loads(pickle.dumps(SweepPageCallback(str(tmp_path), PARAMS)))
+        cb = pickle.loads(pickle.dumps(SweepPageCallback(str(tmp_path), SweepSpec(PARAMS))))
         if state is not None:
             cb.set_state(state)
         cb.setup()
@@ -242,7 +232,7 @@ def test_callback_rebuilds_after_restore(tmp_path):
 def test_write_failure_does_not_raise(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    cb = SweepPageCallback(str(blocker / "sweep"), PARAMS)
+    cb = SweepPageCallback(str(blocker / "sweep"), SweepSpec(PARAMS))
     cb.on_experiment_end(trials=[_trial("a", TERMINATED, {"optim.lr": 0.1})])
     assert cb.writes == 0 and "could not write the sweep page" in caplog.text
 
@@ -281,7 +271,7 @@ def test_tune_sweep_writes_the_page(ray_local, tmp_path):
         tune.report({"step": 80, "val/R@1": value, "final": True, "test/R@1": value - 0.02})
 
     sweep_url = str(tmp_path / "sweep")
-    page = SweepPageCallback(sweep_url, PARAMS, title="test sweep", min_interval_s=1.0)
+    page = SweepPageCallback(sweep_url, SweepSpec(PARAMS, title="test sweep"), min_interval_s=1.0)
     tuner = tune.Tuner(
         tune.with_resources(_fake_trial, {"cpu": 0.25}),
         # Grid order: the two good trials run first (2 at a time), so the bad ones meet a rung

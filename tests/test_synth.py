@@ -10,8 +10,9 @@ import torch
 
 from composeae.config import DataConfig
 from composeae.data import commands, synth
-from composeae.data.stream import eval_batches, load_corpus
-from composeae.data.writer import read_manifest
+from composeae.data.stream import eval_batches
+from composeae.data.shardset import load_corpus
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""TensorBoard event files (composeae.tblog): local and on the moto S3 server, read back by
+"""TensorBoard event files (composeae.report.tblog): local and on the moto S3 server, read back by
 TensorBoard's own loader and, end to end, by a `tensorboard --logdir s3://...` server."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.hparams import api_pb2
 from tensorboardX.summary import scalar as tbx_scalar
 
-from composeae import tblog
-from composeae.data import storage
+from composeae.report import tblog
+from composeae import storage
 from composeae.errors import UserError
 
 

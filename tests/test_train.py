@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from composeae.config import load_config, replace
-from composeae.data import storage
-from composeae.retrievals import NUM_QUERIES, RETRIEVALS_FILE
+from composeae import storage
+from composeae.evaluate import NUM_QUERIES
+from composeae.run.layout import RETRIEVALS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
@@ -44,10 +45,10 @@ def retrieval_rows(page: str) -> list[tuple[str, list[str]]]:
 
 
 def untrained_recall(cfg) -> dict[str, float]:
-    from composeae.data.stream import load_corpus
+    from composeae.data.shardset import load_corpus
     from composeae.evaluate import evaluate
     from composeae.models.text import build_tokenizer
-    from composeae.zoo import create_model
+    from composeae.models.zoo import create_model
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights the workers start from
     model = create_model(cfg.model, cfg.loss, build_tokenizer("lstm", load_corpus(cfg.data)))
@@ -56,7 +57,7 @@ def untrained_recall(cfg) -> dict[str, float]:
 
 
 def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tmp_path):
-    from composeae.driver import run_training
+    from composeae.run.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 40, "eval_every": 20, "log_every": 10})
     before = untrained_recall(cfg)
@@ -110,10 +111,11 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
 
 
 def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_path):
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
     from composeae.data.synth import generate
-    from composeae.driver import run_training
-    from composeae.evaluate import evaluate_checkpoint
+    from composeae.run.driver import run_training
+    from composeae.run.eval_job import evaluate_checkpoint
 
     shards = f"{s3_bucket}/shards/css-tiny"
     generate(shards, preset="tiny", seed=0, image_size=32)
@@ -139,7 +141,7 @@ def test_shards_and_checkpoints_in_s3(ray_local, tiny_shards, s3_bucket, tmp_pat
 
 
 def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch):
-    from composeae.driver import FAULT_ENV, run_training
+    from composeae.run.driver import FAULT_ENV, run_training
 
     monkeypatch.setenv(FAULT_ENV, "5:1")  # rank 1 dies once at step 5, after the step-3 checkpoint
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 8, "eval_every": 3})
@@ -157,8 +159,9 @@ def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch
 def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
     same metrics, and its final checkpoint loads every time."""
-    from composeae.checkpoint import load_checkpoint, model_from_checkpoint
-    from composeae.driver import run_training
+    from composeae.checkpoint import load_checkpoint
+    from composeae.run.build import model_from_checkpoint
+    from composeae.run.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2},
                ray={"num_to_keep": 1})
@@ -176,7 +179,7 @@ def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards,
 
 
 def test_a_local_path_missing_on_a_node_is_one_line(ray_local, tmp_path):
-    from composeae.driver import check_local_paths_on_nodes
+    from composeae.run.cluster import check_local_paths_on_nodes
     from composeae.errors import UserError
 
     check_local_paths_on_nodes({"--data": str(tmp_path)})  # present on the only node

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from composeae.data import storage
+from composeae import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"
@@ -30,8 +30,8 @@ def swept(ray_local, s3_server, tmp_path_factory):
 
     import boto3
 
-    from composeae.sweep import load_sweep
-    from composeae.tune import run_sweep
+    from composeae.sweep.load import load_sweep
+    from composeae.sweep.driver import run_sweep
 
     bucket = f"sweep-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
@@ -70,7 +70,7 @@ def test_asha_sweep_over_two_families_finishes_and_names_its_best(swept):
 
 def test_training_best_yaml_reproduces_the_trial(swept, tmp_path):
     from composeae.config import load_config
-    from composeae.driver import run_training
+    from composeae.run.driver import run_training
 
     sweep, summary = swept
     best_yaml = tmp_path / "best.yaml"

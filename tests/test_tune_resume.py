@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from composeae.localcluster import kill_processes_naming
+from composeae.testing.localcluster import kill_processes_naming
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"

@@ -10,8 +10,10 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from composeae.data import schema, storage
-from composeae.data.writer import read_manifest
+from composeae import storage
+from composeae.data import schema
+from composeae.data.revisions import append_synth_day
+from composeae.data.shardset import read_manifest
 from composeae.errors import UserError
 
 
@@ -61,8 +63,6 @@ def run_synth(args: argparse.Namespace) -> None:
     from composeae.data.synth import generate  # late: keeps `composeae --help` light
 
     if args.day is not None:
-        from composeae.data.revisions import append_synth_day
-
         added = append_synth_day(args.out, args.day, sources=args.day_sources)
         print(f"day {args.day}: {added} training samples appended" if added
               else f"day {args.day} is already in the dataset: nothing appended")

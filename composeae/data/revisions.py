@@ -15,6 +15,8 @@ import hashlib
 from datetime import date as Date
 
 from composeae.data import schema
+from composeae.data.shardset import read_manifest
+from composeae.data.writer import append_shards
 from composeae.errors import UserError
 
 
@@ -42,8 +44,7 @@ def day_tag(day: str) -> str:
 def append_synth_day(url: str, day: str, *, sources: int) -> int:
     """Append CSS-synth day `day` (YYYY-MM-DD) to the training shards at `url`; returns the
     samples added (0 when that day is already there)."""
-    from composeae.data.synth import day_plan, train_samples
-    from composeae.data.writer import append_shards, read_manifest
+    from composeae.data.synth import day_plan, train_samples  # deferred: the generator imports PIL
 
     day = parse_day(day)
     if sources <= 0:

@@ -8,10 +8,35 @@ its default for manifests written before the property existed. No tar reading, n
 
 from __future__ import annotations
 
+import json
+
 from composeae.config import DataConfig
-from composeae.data import schema, storage
-from composeae.data.writer import read_manifest
+from composeae import storage
+from composeae.data import schema
 from composeae.errors import UserError
+
+
+def read_manifest(url: str) -> dict:
+    """The manifest of the dataset at `url`; `UserError` when there is no (valid) dataset there."""
+    manifest_url = storage.join(url, schema.MANIFEST)
+    try:
+        text = storage.read_text(manifest_url)
+    except FileNotFoundError:
+        raise UserError(f"no dataset at {url}: {schema.MANIFEST} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"no dataset at {url}: {manifest_url} is a directory") from None
+    except NotADirectoryError:
+        raise UserError(f"no dataset at {url}: it is not a directory") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{manifest_url} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{manifest_url} is not a dataset manifest (no 'splits')")
+    if manifest.get("version") != schema.MANIFEST_VERSION:
+        raise UserError(f"{manifest_url} has version {manifest.get('version')!r}; this reader "
+                        f"understands version {schema.MANIFEST_VERSION}")
+    return manifest
 
 
 def shard_list(url: str, manifest: dict, split: str, kind: str) -> list[dict]:

@@ -54,16 +54,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from composeae.config import DataConfig
 from composeae.data import pairing, schema, shardset
-from composeae.data.decode import (IMAGE_MEAN, IMAGE_STD, SampleDecoder, collate, normalise,
-                                   normalise_batch)
-from composeae.data.shardset import has_split, load_corpus
-from composeae.data.tarstream import ShardSamples, StreamErrors, tar_members, tar_samples
-from composeae.data.writer import read_manifest
+from composeae.data.decode import SampleDecoder, collate, normalise_batch
+from composeae.data.shardset import read_manifest
+from composeae.data.tarstream import ShardSamples, StreamErrors
 from composeae.errors import UserError
-
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "SampleDecoder", "StreamErrors", "TrainStream", "collate",
-           "eval_batches", "has_split", "load_corpus", "normalise", "normalise_batch",
-           "tar_members", "tar_samples"]
 
 log = logging.getLogger(__name__)
 

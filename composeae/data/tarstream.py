@@ -19,7 +19,7 @@ from typing import Iterator
 
 from webdataset.gopen import gopen
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 
 log = logging.getLogger("composeae.data.stream")

@@ -12,7 +12,7 @@ which owns the on-disk layout described in `composeae.data.schema`:
 - `corpus.txt` collects every training text, and `manifest.json` is written last with one atomic
   write: a dataset whose manifest exists is complete. A failed write removes what it uploaded.
 
-`read_manifest` is the matching reader used by the streaming pipeline and the `shards` commands.
+The matching reader, `read_manifest`, is on the reading side: `composeae.data.shardset`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from typing import Iterable, Mapping
 
 import webdataset as wds
 
-from composeae.data import schema, storage
+from composeae import storage
+from composeae.data import schema
+from composeae.data.shardset import read_manifest
 from composeae.data.schema import GalleryMeta, GroupMeta, QueryMeta, TripletMeta
 from composeae.errors import UserError
 
@@ -244,29 +246,6 @@ def write_dataset(out_url: str, name: str, splits: Mapping[str, Mapping[str, Ite
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("wrote dataset %s to %s", name, out_url)
-    return manifest
-
-
-def read_manifest(url: str) -> dict:
-    """The manifest of the dataset at `url`; `UserError` when there is no (valid) dataset there."""
-    manifest_url = storage.join(url, schema.MANIFEST)
-    try:
-        text = storage.read_text(manifest_url)
-    except FileNotFoundError:
-        raise UserError(f"no dataset at {url}: {schema.MANIFEST} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"no dataset at {url}: {manifest_url} is a directory") from None
-    except NotADirectoryError:
-        raise UserError(f"no dataset at {url}: it is not a directory") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{manifest_url} is not valid JSON: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise UserError(f"{manifest_url} is not a dataset manifest (no 'splits')")
-    if manifest.get("version") != schema.MANIFEST_VERSION:
-        raise UserError(f"{manifest_url} has version {manifest.get('version')!r}; this reader "
-                        f"understands version {schema.MANIFEST_VERSION}")
     return manifest
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from composeae.config import LossConfig, ModelConfig
 from composeae.models.base import RetrievalModel
 from composeae.models.text import TextTokenizer
-from composeae.zoo import register_model
+from composeae.models.zoo import register_model
 
 
 @register_model("concat")

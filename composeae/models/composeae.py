@@ -44,7 +44,7 @@ from composeae.config import LossConfig, ModelConfig
 from composeae.losses import reconstruction_loss
 from composeae.models.base import RetrievalModel
 from composeae.models.text import TextTokenizer
-from composeae.zoo import register_model
+from composeae.models.zoo import register_model
 
 POOLED = 16  # rho_conv's adaptive max-pool length
 CONV_CHANNELS = 64

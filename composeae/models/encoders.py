@@ -5,8 +5,9 @@ CNN for 64 px synthetic scenes; each ends in a linear layer to `image_dim`.
 Text: an LSTM over the corpus vocabulary (TIRG's text model), or BERT through `transformers`,
 loaded from a pretrained directory or built from a small config for a scratch WordPiece
 vocabulary. Either can be frozen.
-The weights file and the BERT directory are local paths or `s3://` URLs, opened through
-`composeae.nodefiles.resolve_local` (a node-local cache for S3).
+The weights file and the BERT directory are local paths on this node: the run layer turns an
+`s3://` URL into a node-local copy before it builds a model (`composeae.run.build`), so nothing
+here knows about object storage or the cluster.
 """
 
 from __future__ import annotations
@@ -44,14 +45,11 @@ class SmallCNN(nn.Module):
 
 
 def _resnet(name: str, weights_path: str | None) -> tuple[nn.Module, int]:
-    import torchvision
+    import torchvision  # deferred: only ResNet backbones need it, and it is slow to import
 
     net = getattr(torchvision.models, name)(weights=None)
     if weights_path:
-        from composeae.nodefiles import resolve_local
-
-        path = resolve_local(weights_path, "model.image_weights")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("fc.")]:
@@ -113,14 +111,11 @@ class BertTextEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from transformers import BertConfig, BertModel  # deferred: slow to import
 
         if cfg.bert_path:
-            from composeae.nodefiles import resolve_local
-
-            path = resolve_local(cfg.bert_path, "model.bert_path")
             # local_files_only: a path must never turn into a model hub download.
-            self.bert = BertModel.from_pretrained(path, add_pooling_layer=False,
+            self.bert = BertModel.from_pretrained(cfg.bert_path, add_pooling_layer=False,
                                                   local_files_only=True)
         else:
             self.bert = BertModel(BertConfig(

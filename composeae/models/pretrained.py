@@ -1,7 +1,7 @@
 """The pre-flight check that a run's encoders get the pretrained weights the run depends on.
 
 What belongs here: rules about which encoder settings need weights, checked on the config alone
-before any worker starts (whether a named file exists on every node is `composeae.nodefiles`'s
+before any worker starts (whether a named file exists on every node is `composeae.run.nodefiles`'s
 concern). A frozen encoder without weights computes fixed random features; a config that
 reproduces a published result (`model.pretrained: true`) means nothing with a random ResNet or
 BERT. Either stops with one line naming the keys and what to download, unless
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from composeae.config import ModelConfig
 from composeae.errors import UserError
+from composeae.models.zoo import model_class
 
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 RESNET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
@@ -39,8 +40,6 @@ def _image_problem(cfg: ModelConfig) -> str | None:
 
 
 def _text_problem(cfg: ModelConfig) -> str | None:
-    from composeae.zoo import model_class
-
     if not model_class(cfg.name).uses_text:
         return None
     if cfg.text_encoder == "bert":

@@ -3,8 +3,8 @@
 Two kinds, both built from the training corpus so nothing is downloaded:
 - `WordTokenizer`: lower-cased words, for the LSTM encoder (TIRG's vocabulary).
 - `WordPieceTokenizer`: a `tokenizers` WordPiece model, for BERT. Trained on the corpus for a
-  scratch BERT, or taken from a pretrained directory (`save_pretrained` layout), local or
-  `s3://` (fetched through `composeae.nodefiles.resolve_local`).
+  scratch BERT, or taken from a local pretrained directory (`save_pretrained` layout; the run
+  layer fetches an `s3://` one to the node first, `composeae.run.build`).
 
 `state()` returns plain strings and lists, so checkpoints stay loadable with
 `torch.load(weights_only=True)`; `tokenizer_from_state` rebuilds the same tokenizer.
@@ -69,7 +69,7 @@ class WordPieceTokenizer:
     """A `tokenizers.Tokenizer` (BERT WordPiece) with [CLS] ... [SEP] framing."""
 
     def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # deferred: only WordPiece needs it
 
         self.json = tokenizer_json
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -80,7 +80,7 @@ class WordPieceTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "WordPieceTokenizer":
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import BertWordPieceTokenizer  # deferred: see __init__
 
         wp = BertWordPieceTokenizer(lowercase=True)
         wp.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
@@ -88,16 +88,12 @@ class WordPieceTokenizer:
         return cls(wp._tokenizer.to_str())
 
     @classmethod
-    def from_pretrained_dir(cls, path: str, key: str = "model.bert_path") -> "WordPieceTokenizer":
-        """The tokenizer of a `save_pretrained` directory: a local path or an `s3://` prefix;
-        `key` is the config key that names it in errors."""
-        from transformers import AutoTokenizer
+    def from_pretrained_dir(cls, path: str) -> "WordPieceTokenizer":
+        """The tokenizer of a local `save_pretrained` directory."""
+        from transformers import AutoTokenizer  # deferred: transformers is slow to import
 
-        from composeae.nodefiles import resolve_local
-
-        local = resolve_local(path, key)
         # local_files_only: a path must never turn into a model hub download.
-        tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(tokenizer.backend_tokenizer.to_str())
 
     def encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

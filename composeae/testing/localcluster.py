@@ -123,7 +123,7 @@ class LocalHead:
                 time.sleep(1.0)
 
     def _client(self):
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # deferred: Ray is slow to import
 
         return JobSubmissionClient(self.address)
 

@@ -107,17 +107,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import yaml
 
-from composeae.config import (Config, YamlLoader, config_to_dict, dump_config, load_config,
-                              parse_value)
+from composeae.config import Config, YamlLoader, load_config, parse_value
 from composeae.errors import UserError
+from composeae.sweep.spec import Dist, Sweep, checked_config
+from composeae.sweep.tune_objects import require_optuna
+from composeae.sweep.values import is_number, yaml_value
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 """Distribution names a `search` entry may use."""
@@ -132,328 +131,6 @@ _TOP_KEYS = ("base", "name", "set", "search", "num_samples", "metric", "mode", "
              "searcher", "seed", "max_concurrent_trials", "trial_cpus", "max_failures", "storage")
 _SCHEDULER_KEYS = ("name", "grace_period", "reduction_factor", "max_t")
 _CONFIG_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
-
-
-def _yaml_value(value: Any) -> str:
-    """`value` as YAML text that config.py's `yaml.safe_load` reads back as `value`."""
-    value = _plain(value)
-    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip()
-    return text.removesuffix("...").strip()
-
-
-def _plain(value: Any) -> Any:
-    """Numpy scalars (what some samplers return) as Python numbers, tuples as lists."""
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict, str)):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """One searched key's distribution: `kind` in DISTRIBUTIONS; `args` the values (choice, grid)
-    or `(low, high)` (uniform, loguniform: high exclusive; randint: high inclusive)."""
-    kind: str
-    args: tuple
-
-    def to_tune(self) -> Any:
-        """The Ray Tune domain (or grid_search spec) for `Tuner(param_space=...)`."""
-        from ray import tune
-
-        values = [_plain(v) for v in self.args]
-        if self.kind == "choice":
-            return tune.choice(values)
-        if self.kind == "grid":
-            return tune.grid_search(values)
-        low, high = values
-        if self.kind == "uniform":
-            return tune.uniform(low, high)
-        if self.kind == "loguniform":
-            return tune.loguniform(low, high)
-        return tune.randint(low, high + 1)  # Ray's upper bound is exclusive
-
-    def to_yaml(self) -> dict[str, list]:
-        return {self.kind: [_plain(v) for v in self.args]}
-
-    def candidates(self) -> tuple:
-        """Values checked against the config: every choice, or both ends of a range."""
-        return self.args
-
-    def __str__(self) -> str:
-        return f"{self.kind}({', '.join(_yaml_value(v) for v in self.args)})"
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A validated sweep file with its `--set` overrides applied; see the module docstring."""
-    name: str
-    base_path: Path
-    """The experiment config every trial starts from (absolute)."""
-    fixed: tuple[tuple[str, Any], ...]
-    """`set` entries, `(section.key, value)`, the file's then the command line's."""
-    search: tuple[tuple[str, Dist], ...]
-    """Searched keys and their distributions, in file order (`space` as a dict)."""
-    num_samples: int
-    metric: str
-    mode: str
-    scheduler: str
-    grace_period: int
-    reduction_factor: float
-    max_t: int
-    """ASHA's last rung is at or below this many reports (at most `evaluations`)."""
-    evaluations: int
-    """Evaluations a trial makes, ceil(train.steps / train.eval_every) (the most any trial
-    makes when either is searched, which only `scheduler: none` allows)."""
-    searcher: str
-    seed: int | None
-    max_concurrent_trials: int | None
-    trial_cpus: float
-    max_failures: int
-    storage: str
-    path: Path | None = field(default=None, compare=False)
-    """The sweep file this came from."""
-
-    # ----- what the sweep is
-
-    @property
-    def space(self) -> dict[str, Dist]:
-        return dict(self.search)
-
-    @property
-    def base_overrides(self) -> list[str]:
-        """The `set` entries as `section.key=value` overrides for `load_config`."""
-        return [f"{k}={_yaml_value(v)}" for k, v in self.fixed]
-
-    @property
-    def num_trials(self) -> int:
-        grid = math.prod(len(d.args) for _, d in self.search if d.kind == "grid")
-        return self.num_samples * grid
-
-    @property
-    def experiment_url(self) -> str:
-        """Where Tune keeps the sweep: `<storage>/<name>`."""
-        return _join(self.storage, self.name)
-
-    def base_config(self) -> Config:
-        """The base config with `set` applied (searched keys at their base values)."""
-        return _checked_config(self.base_path, self.base_overrides + self._storage_override(),
-                               check_model="model.name" not in self.space)
-
-    def trial_run_name(self, trial_id: str) -> str:
-        """The Train run name of trial `trial_id` (deterministic, so a restarted trial resumes)."""
-        return f"{self.name}-{trial_id}"
-
-    def trial_config(self, params: Mapping[str, Any], *, name: str | None = None) -> Config:
-        """The experiment config of one trial: the base file, `set`, then `params` (one value per
-        searched key, as Tune passes them), applied through `load_config`; `train.storage` is the
-        sweep's storage and `train.name` is `name` when given (see `trial_run_name`)."""
-        missing = [k for k, _ in self.search if k not in params]
-        extra = [k for k in params if k not in self.space]
-        if missing or extra:
-            raise ValueError(f"trial parameters must be exactly the searched keys; "
-                             f"missing {missing}, unknown {extra}")
-        overrides = self.base_overrides + [f"{k}={_yaml_value(params[k])}" for k, _ in self.search]
-        overrides += self._storage_override()
-        if name is not None:
-            overrides.append(f"train.name={_yaml_value(name)}")
-        return _checked_config(self.base_path, overrides)
-
-    def _storage_override(self) -> list[str]:
-        return [f"train.storage={_yaml_value(self.storage)}"]
-
-    def absolute(self) -> Sweep:
-        """The sweep with local paths (storage, data.url, model weight files) made absolute, as
-        the driver needs before trials start: Tune runs each trial in its own directory."""
-        from composeae.driver import absolute_url
-
-        cfg = self.base_config()
-        paths = {"data.url": cfg.data.url, "model.image_weights": cfg.model.image_weights,
-                 "model.bert_path": cfg.model.bert_path}
-        fixed = dict(self.fixed)
-        for key, value in paths.items():
-            if value is not None and key not in self.space and absolute_url(value) != value:
-                fixed[key] = absolute_url(value)
-        return dataclasses.replace(self, fixed=tuple(fixed.items()),
-                                   storage=absolute_url(self.storage))
-
-    # ----- Ray Tune objects (Ray is imported only here)
-
-    def param_space(self) -> dict[str, Any]:
-        """`Tuner(param_space=...)`: searched `section.key` -> Ray Tune domain."""
-        return {key: dist.to_tune() for key, dist in self.search}
-
-    def make_scheduler(self) -> Any:
-        """ASHA on `training_iteration` (one per report), or None (Tune's FIFO) for `none`. It
-        takes metric and mode from `tune_config()`: Tune refuses them in both places. A trial
-        that passes the last rung is never stopped (`stop_last_trials=False`): stopping it at
-        `max_t` would kill it before its final report and the work after it."""
-        if self.scheduler == "none":
-            return None
-        from ray.tune.schedulers import ASHAScheduler
-
-        return ASHAScheduler(time_attr="training_iteration", max_t=self.max_t,
-                             grace_period=self.grace_period,
-                             reduction_factor=self.reduction_factor, stop_last_trials=False)
-
-    def make_searcher(self, max_concurrent: int | None = None) -> Any:
-        """The seeded search algorithm, limited to `max_concurrent` running trials when given
-        (Tune ignores TuneConfig's limit for a BasicVariantGenerator passed in, so the limit is
-        applied here)."""
-        if self.searcher == "optuna":
-            _require_optuna()
-            from ray.tune.search import ConcurrencyLimiter
-            from ray.tune.search.optuna import OptunaSearch
-
-            searcher = OptunaSearch(seed=self.seed)
-            return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
-        from ray.tune.search import BasicVariantGenerator
-
-        return BasicVariantGenerator(random_state=self.seed, max_concurrent=max_concurrent or 0)
-
-    def tune_config(self, max_concurrent: int | None = None) -> Any:
-        """`ray.tune.TuneConfig` with metric, mode, num_samples, scheduler and searcher. The
-        concurrency is `max_concurrent` if given, else the file's `max_concurrent_trials`, else
-        unlimited (pass `concurrency(ray.cluster_resources())`)."""
-        from ray import tune
-
-        limit = max_concurrent or self.max_concurrent_trials
-        return tune.TuneConfig(metric=self.metric, mode=self.mode, num_samples=self.num_samples,
-                               scheduler=self.make_scheduler(),
-                               search_alg=self.make_searcher(limit))
-
-    def failure_config(self) -> Any:
-        """`ray.tune.FailureConfig` for the Tuner's `ray.tune.RunConfig`."""
-        from ray import tune
-
-        return tune.FailureConfig(max_failures=self.max_failures)
-
-    def trial_resources(self) -> dict[str, float]:
-        """What each trial's driver reserves: `tune.with_resources(trainable, ...)`."""
-        return {"CPU": self.trial_cpus}
-
-    def concurrency(self, cluster: Mapping[str, float]) -> int:
-        """Trials that fit at once in `cluster` (e.g. `ray.cluster_resources()`): each reserves
-        `trial_cpus` plus its Train workers' CPUs (and GPUs), capped by `max_concurrent_trials`
-        and the number of trials; at least 1."""
-        ray_cfg = self.base_config().ray
-        need = {"CPU": self.trial_cpus + ray_cfg.num_workers * ray_cfg.cpus_per_worker}
-        if ray_cfg.use_gpu:
-            need["GPU"] = float(ray_cfg.num_workers)
-        fits = min(int(cluster.get(res, 0.0) / amount + 1e-9) for res, amount in need.items())
-        caps = [self.num_trials] + ([self.max_concurrent_trials]
-                                    if self.max_concurrent_trials else [])
-        return max(1, min([fits] + caps))
-
-    def preview(self) -> list[dict[str, Any]]:
-        """The trials' parameters as the random searcher will draw them, in order (for a dry
-        run, and to check that the seed reproduces a sweep). Needs no running Ray."""
-        from ray.tune.experiment import Experiment
-        from ray.tune.search import BasicVariantGenerator
-
-        def _noop(config):  # stands in for the trainable; never run
-            return None
-
-        generator = BasicVariantGenerator(random_state=self.seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            generator.add_configurations([Experiment(self.name, _noop, config=self.param_space(),
-                                                     num_samples=self.num_samples,
-                                                     storage_path=tmp)])
-            trials = []
-            while (trial := generator.next_trial()) is not None:
-                trials.append({k: _plain(v) for k, v in trial.config.items()})
-        return trials
-
-    def page_spec(self) -> Any:
-        """What the sweep's page (`composeae.sweep_page`) shows: the searched keys, the metric
-        that ranks trials, R@10 beside it when evaluated, and a finished trial's step count."""
-        from composeae.sweep_page import SweepSpec
-
-        cfg = self.base_config()
-        extra = tuple(f"val/R@{k}" for k in (10,) if k in cfg.eval.ks)
-        steps = None if "train.steps" in self.space else cfg.train.steps
-        return SweepSpec(params=tuple(self.space), metric=self.metric, mode=self.mode,
-                         extra_metrics=extra, planned_steps=steps,
-                         title=f"composeae sweep {self.name}")
-
-    # ----- text
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved sweep as a sweep file's contents (defaults filled in, base absolute)."""
-        return {
-            "base": str(self.base_path), "name": self.name,
-            "set": {k: _plain(v) for k, v in self.fixed},
-            "search": {k: d.to_yaml() for k, d in self.search},
-            "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
-            "scheduler": {"name": self.scheduler, "grace_period": self.grace_period,
-                          "reduction_factor": self.reduction_factor, "max_t": self.max_t},
-            "searcher": self.searcher, "seed": self.seed,
-            "max_concurrent_trials": self.max_concurrent_trials, "trial_cpus": self.trial_cpus,
-            "max_failures": self.max_failures, "storage": self.storage,
-        }
-
-    def to_yaml(self) -> str:
-        """The resolved sweep file (what `load_sweep` reads back as an equal `Sweep`)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def describe(self) -> str:
-        """A few lines for people: trials, fixed and searched keys, selection, storage."""
-        lines = [f"sweep {self.name}: {self.num_trials} trial(s) of {self.base_path.name}"]
-        if self.fixed:
-            lines.append("  set:    " + ", ".join(f"{k}={_yaml_value(v)}" for k, v in self.fixed))
-        for i, (key, dist) in enumerate(self.search):
-            lines.append(("  search: " if i == 0 else " " * 10) + f"{key} ~ {dist}")
-        sched = (f"asha (grace_period {self.grace_period}, reduction_factor "
-                 f"{self.reduction_factor:g}, max_t {self.max_t} of {self.evaluations} evaluations)"
-                 if self.scheduler == "asha" else "none")
-        seed = "unseeded" if self.seed is None else f"seed {self.seed}"
-        lines.append(f"  select: {self.mode} {self.metric}; scheduler {sched}; "
-                     f"searcher {self.searcher} ({seed})")
-        lines.append(f"  at:     {self.experiment_url}")
-        return "\n".join(lines)
-
-
-def _check_integer(key: str, value: Any, minimum: int, *, nullable: bool = False,
-                   unit: str = "") -> None:
-    """One line naming the sweep key unless `value` is an integer >= minimum (or null when
-    allowed); booleans are not integers here."""
-    if value is None and nullable:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"sweep key {key} must be an integer >= {minimum}{unit}"
-                        f"{' or null' if nullable else ''}, got {value!r}")
-
-
-def _join(url: str, name: str) -> str:
-    return url.rstrip("/") + "/" + name
-
-
-def _require_optuna() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("optuna") is None:
-        raise UserError("searcher optuna needs the optuna package: "
-                        "pip install 'composeae[optuna]'")
-
-
-def _checked_config(base: Path, overrides: list[str], check_model: bool = True) -> Config:
-    """`load_config` plus the model-name check that the model zoo makes when a model is built."""
-    cfg = load_config(base, overrides)
-    if not check_model:
-        return cfg
-    from composeae.zoo import list_models  # late: importing the models imports torch
-
-    if cfg.model.name not in list_models():
-        raise UserError(f"config key model.name: unknown model {cfg.model.name!r}; "
-                        f"registered: {', '.join(list_models())}")
-    return cfg
-
-
-# ----- loading and validation
 
 
 def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> Sweep:
@@ -539,6 +216,9 @@ def _read_set(raw: Any) -> dict[str, Any]:
 
 def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: dict,
            scheduler: dict) -> Sweep:
+    """Check every top-level key in the order the module docstring documents them, and build
+    the `Sweep`. One function on purpose: each check is a few lines next to its default, and
+    later checks read values the earlier ones settled (the base config, the search space)."""
     if not isinstance(base, Path):
         raise UserError(f"sweep key base must be a path to an experiment config, got {base!r}")
     base = base.resolve()
@@ -552,9 +232,9 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
         load_config(base)
     except UserError as exc:
         raise UserError(f"base: {exc}") from None
-    set_overrides = [f"{k}={_yaml_value(v)}" for k, v in fixed.items()]
+    set_overrides = [f"{k}={yaml_value(v)}" for k, v in fixed.items()]
     try:
-        base_cfg = _checked_config(base, set_overrides,
+        base_cfg = checked_config(base, set_overrides,
                                    check_model="model.name" not in search_raw)
     except UserError as exc:
         named = [k for k in fixed if k in str(exc)]
@@ -581,7 +261,7 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
         if grids:
             raise UserError(f"search.{grids[0]}: searcher optuna samples and takes no grid; "
                             f"use choice (or searcher random)")
-        _require_optuna()
+        require_optuna()
     seed = raw.get("seed", 0)
     _check_integer("seed", seed, 0, nullable=True)
 
@@ -595,7 +275,7 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
     max_concurrent = raw.get("max_concurrent_trials")
     _check_integer("max_concurrent_trials", max_concurrent, 1, nullable=True)
     trial_cpus = raw.get("trial_cpus", 1)
-    if not _is_number(trial_cpus) or not trial_cpus > 0:
+    if not is_number(trial_cpus) or not trial_cpus > 0:
         raise UserError(f"sweep key trial_cpus must be a number > 0 (fractions allowed), "
                         f"got {trial_cpus!r}")
     max_failures = raw.get("max_failures", 1)
@@ -634,7 +314,7 @@ def _check_dist(key: Any, spec: Any, base: Path, set_overrides: list[str]) -> Di
         if not args:
             raise UserError(f"{where}: {kind} needs at least one value")
     else:
-        if len(args) != 2 or not all(_is_number(a) for a in args):
+        if len(args) != 2 or not all(is_number(a) for a in args):
             raise UserError(f"{where}: {kind} takes [low, high] numbers, got {args!r}")
         low, high = args
         if not low < high:
@@ -649,10 +329,10 @@ def _check_dist(key: Any, spec: Any, base: Path, set_overrides: list[str]) -> Di
     dist = Dist(kind, tuple(args))
     for value in dist.candidates():
         try:
-            _checked_config(base, set_overrides + [f"{key}={_yaml_value(value)}"])
+            checked_config(base, set_overrides + [f"{key}={yaml_value(value)}"])
         except UserError as exc:
             what = "value" if kind in ("choice", "grid") else "bound"
-            raise UserError(f"{where}: {what} {_yaml_value(value)}: {exc}") from None
+            raise UserError(f"{where}: {what} {yaml_value(value)}: {exc}") from None
     return dist
 
 
@@ -692,7 +372,7 @@ def _check_scheduler(raw: dict, evaluations: int) -> dict[str, Any]:
     grace = raw.get("grace_period", 1)
     _check_integer("scheduler.grace_period", grace, 1, unit=" (reports)")
     factor = raw.get("reduction_factor", 2)
-    if not _is_number(factor) or not factor > 1:
+    if not is_number(factor) or not factor > 1:
         raise UserError(f"sweep key scheduler.reduction_factor must be a number > 1, "
                         f"got {factor!r}")
     max_t = raw.get("max_t")
@@ -716,42 +396,12 @@ def _check_scheduler(raw: dict, evaluations: int) -> dict[str, Any]:
             "max_t": max_t}
 
 
-# ----- the chosen trial as an experiment file
-
-
-def best_config_yaml(sweep: Sweep, params: Mapping[str, Any], *, trial_id: str | None = None,
-                     metrics: Mapping[str, Any] | None = None, name: str | None = None) -> str:
-    """The experiment YAML of a trial (usually the best), ready for `composeae train --config`:
-    the full resolved config (`dump_config`) of `sweep.trial_config(params, name=...)`, with a
-    comment header naming the sweep, the trial, its metric and its searched values. The run is
-    named `name`, by default `<sweep>-best`, so training the file starts a fresh run instead of
-    resuming the trial's own. Loading the file with `load_config` gives that config exactly;
-    where a `ray.profile` would overwrite a value of the file on loading, the header gives the
-    `--set` that keeps it."""
-    run_name = name or f"{sweep.name}-best"
-    cfg = sweep.trial_config(params, name=run_name)
-    body = dump_config(cfg)
-    extra = _reload_overrides(body, cfg)
-    header = [f"# Trial {trial_id or '?'} of sweep {sweep.name} "
-              f"({sweep.path.name if sweep.path else sweep.base_path.name}), "
-              f"base {sweep.base_path.name}."]
-    if metrics is not None and sweep.metric in metrics:
-        header.append(f"# {sweep.metric} = {metrics[sweep.metric]} "
-                      f"(selected by {sweep.mode} {sweep.metric})")
-    header += [f"#   {k} = {_yaml_value(params[k])}" for k, _ in sweep.search]
-    command = "composeae train --config THIS_FILE" + "".join(f" --set {o}" for o in extra)
-    header.append(f"# Train it again as run {run_name!r}: {command}")
-    return "\n".join(header) + "\n" + body
-
-
-def _reload_overrides(text: str, cfg: Config) -> list[str]:
-    """`--set` overrides needed for `load_config` of `text` to give `cfg` (a `ray.profile` is
-    applied over the file's values when it is loaded)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, "config.yaml")
-        path.write_text(text)
-        again = config_to_dict(load_config(path))
-        want = config_to_dict(cfg)
-        return [f"{section}.{key}={_yaml_value(value)}"
-                for section, values in want.items() for key, value in values.items()
-                if again[section][key] != value]
+def _check_integer(key: str, value: Any, minimum: int, *, nullable: bool = False,
+                   unit: str = "") -> None:
+    """One line naming the sweep key unless `value` is an integer >= minimum (or null when
+    allowed); booleans are not integers here."""
+    if value is None and nullable:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"sweep key {key} must be an integer >= {minimum}{unit}"
+                        f"{' or null' if nullable else ''}, got {value!r}")

@@ -26,11 +26,20 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from composeae import storage
 from composeae.config import Config, config_to_dict, replace
-from composeae.model_registry import ModelRegistry
+from composeae.data.revisions import append_synth_day, fingerprint, parse_day
+from composeae.data.shardset import read_manifest
+from composeae.nightly.report import write_night_report
+from composeae.registry.store import ModelRegistry
+from composeae.report.tables import recall_keys
+from composeae.run.cluster import absolute_paths
+from composeae.run.driver import ensure_dataset, prepare_run, run_training
+from composeae.run.eval_job import evaluate_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,6 @@ class Night:
 
 def parse_date(text: str | None) -> str:
     """`YYYY-MM-DD` (default: today in UTC)."""
-    from composeae.data.revisions import parse_day
-
     if text is None:
         return datetime.now(timezone.utc).date().isoformat()
     return parse_day(text)
@@ -65,13 +72,11 @@ def parse_date(text: str | None) -> str:
 
 def code_version() -> str:
     """The package version, plus the git commit when the code runs from a checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         text = version("composeae")
     except PackageNotFoundError:
         text = "unknown"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the checkout: composeae/nightly/flow.py
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
                                 capture_output=True, text=True, timeout=10)
@@ -119,8 +124,6 @@ def _warm_start_from(cfg: Config, champion: dict[str, Any] | None) -> tuple[str 
 def _new_data(cfg: Config, night: str) -> None:
     if cfg.nightly.new_data != "synth_day":
         return
-    from composeae.data.revisions import append_synth_day
-
     added = append_synth_day(cfg.data.url, night, sources=cfg.nightly.day_sources)
     if added:
         log.info("new data: CSS-synth day %s appended (%d training samples)", night, added)
@@ -130,10 +133,6 @@ def _new_data(cfg: Config, night: str) -> None:
 
 def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> Night:
     """One night of champion/challenger retraining (see the module docstring)."""
-    from composeae.data.revisions import fingerprint
-    from composeae.data.writer import read_manifest
-    from composeae.driver import absolute_paths, ensure_dataset, prepare_run, run_training
-    from composeae.evaluate import evaluate_checkpoints
 
     night = parse_date(night)
     cfg = absolute_paths(cfg)
@@ -197,9 +196,6 @@ def _finish(registry: ModelRegistry, cfg: Config, night: str, version: dict[str,
             created: bool) -> Night:
     """Promote (once) and report a registered night. Safe to run again: a killed night stopped
     between registering and promoting is completed; a completed one is left as it is."""
-    from composeae.data import storage
-    from composeae.nightly_report import write_night_report
-
     decision = version["decision"]
     alias = decision["alias"]
     promoted_before = any(e.get("action") == "promote" and e.get("version") == version["version"]
@@ -236,9 +232,3 @@ def format_comparison(night: Night, title: str = "") -> str:
     lines += [f"{name:<{width}}" + "".join(f"{100 * table[k]:>12.2f}" for k in keys)
               for name, table in rows]
     return "\n".join(lines)
-
-
-def recall_keys(table: dict[str, float]) -> list[str]:
-    """The R@K keys of a table in K order (tables read back from JSON come sorted as text)."""
-    return sorted((k for k in table if "@" in k),
-                  key=lambda k: (k.split("@")[0], int(k.split("@")[1])))

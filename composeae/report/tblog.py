@@ -16,7 +16,7 @@ Why not tensorboardX's `SummaryWriter` as it is:
 `EventWriter` here writes each event synchronously with tensorboardX's record writer and
 protocol buffers (the record format and protos `SummaryWriter` writes), so after `flush()` everything added so far
 is in the file: `os.fsync`ed for a local directory; for an `s3://` URL, written to a local temp
-file and uploaded as one object (`composeae.data.storage.upload_file`, the project's S3 client,
+file and uploaded as one object (`composeae.storage.upload_file`, the project's S3 client,
 honouring `AWS_ENDPOINT_URL`). Every flush replaces the object with a longer copy of the same
 bytes, which is what TensorBoard's S3 reader expects (it resumes at its byte offset). Once an
 object passes `max_file_bytes`, the writer starts the next event file, so a flush never uploads
@@ -68,7 +68,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import RecordWriter
 
-from composeae.data import storage
+from composeae import storage
 
 # Characters TensorBoard accepts in a tag (tensorboardX's `_clean_tag` uses the same set).
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
@@ -235,6 +235,7 @@ def hparams_summaries(hparams: Mapping[str, float | int | str | bool],
     parameter values are left out; values other than bool, number and string (a list chosen by
     a search space) are shown as their text.
     """
+    # deferred: only HParams entries need these, and tensorboardX.summary is slow to import
     from tensorboardX.proto.api_pb2 import Status
     from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
     from tensorboardX.proto.summary_pb2 import SummaryMetadata

@@ -2,12 +2,12 @@
 
 Each trial is a Tune function trainable that acts as a Ray Train driver: it builds the trial's
 experiment config from the sweep (`composeae.sweep`), builds a `TorchTrainer` through the same
-seams as `composeae train` (`composeae.driver`) with Tune's `TuneReportCallback`, and fits it.
+seams as `composeae train` (`composeae.run.driver`) with Tune's `TuneReportCallback`, and fits it.
 So a trial reports once per evaluation (ASHA's `training_iteration` counts evaluations) and once
 more at its end with its test recall. The data and the tokenizer are prepared once per sweep,
 never per trial, so trials never race to build shards.
 
-Layout of a sweep at `<storage>/<name>/`:
+Layout of a sweep at `<storage>/<name>/` (the names are `composeae.run.layout`'s):
 
     <trial dirs>/          Tune's own (result.json, progress.csv, events of Ray's TBX logger)
     runs/<name>-<trial>/   each trial's Train run (checkpoints, metrics.json, report, events)
@@ -24,19 +24,24 @@ unfinished ones resume.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from composeae import storage
 from composeae.config import Config, replace
-from composeae.driver import PreparedRun
-from composeae.sweep import Sweep
+from composeae.report.tblog import write_hparams
+from composeae.run import layout
+from composeae.run.cluster import check_local_paths_on_nodes, init_ray
+from composeae.run.driver import PreparedRun, build_trainer, finish_run, prepare_run
+from composeae.run.eval_job import evaluate_checkpoint
+from composeae.run.nodefiles import check_node_files
+from composeae.sweep.best import best_config_yaml, best_row, best_trial, reported_trials
+from composeae.sweep.spec import Sweep
+from composeae.sweep.values import is_finite_number, plain
 
 
 def _trial_run_storage(sweep: Sweep) -> str:
-    from composeae.data import storage
-
-    return storage.join(sweep.experiment_url, "runs")
+    return storage.join(sweep.experiment_url, layout.SWEEP_RUNS_DIR)
 
 
 def trial_config(sweep: Sweep, params: dict[str, Any], trial_id: str) -> Config:
@@ -47,10 +52,8 @@ def trial_config(sweep: Sweep, params: dict[str, Any], trial_id: str) -> Config:
 
 def _trial(params: dict[str, Any], sweep: Sweep, prepared: PreparedRun) -> None:
     """One trial: a Train driver reporting to Tune through `TuneReportCallback`."""
-    from ray import tune
+    from ray import tune  # deferred: see run_sweep
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from composeae.driver import build_trainer, finish_run
 
     cfg = trial_config(sweep, params, tune.get_context().get_trial_id())
     result = build_trainer(prepared, cfg, callbacks=[TuneReportCallback()]).fit()
@@ -79,12 +82,11 @@ class SweepSummary:
 
 def run_sweep(sweep: Sweep) -> SweepSummary:
     """Run (or resume) the sweep on Ray and score its best trial on the test split."""
+    # deferred: Ray takes seconds to import (and the page's callback subclasses Ray's)
     import ray
     from ray import tune
 
-    from composeae.driver import check_local_paths_on_nodes, init_ray, prepare_run
-    from composeae.nodefiles import check_node_files
-    from composeae.sweep_page import SweepPageCallback
+    from composeae.sweep.page.callback import SweepPageCallback
 
     sweep = sweep.absolute()
     prepared = prepare_run(sweep.base_config())  # once: trials never race to build shards
@@ -98,7 +100,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     if tune.Tuner.can_restore(url):
         tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
     else:
-        page = SweepPageCallback.from_spec(url, sweep.page_spec())
+        page = SweepPageCallback(url, sweep.page_spec())
         tuner = tune.Tuner(
             trainable, param_space=sweep.param_space(),
             tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
@@ -110,47 +112,28 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
 
 
 def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
-    from composeae.data import storage
-    from composeae.driver import run_url
-    from composeae.evaluate import evaluate_checkpoint
-    from composeae.sweep import best_config_yaml
-    from composeae.train import checkpoint_dir_name
-
-    # In trial-id order, so that of trials tied on the metric the same one is named best
-    # whatever order a restored sweep lists them in.
-    results = sorted((r for r in grid
-                      if r.metrics_dataframe is not None and sweep.metric in r.metrics_dataframe),
-                     key=lambda r: r.metrics["trial_id"])
-    if not results:
-        raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
-    sign = 1 if sweep.mode == "max" else -1
-
-    def best_row(result):
-        frame = result.metrics_dataframe.dropna(subset=[sweep.metric])
-        return frame.loc[(sign * frame[sweep.metric]).idxmax()]
-
-    _write_hparams(sweep, results, best_row)
-
-    best = max(results, key=lambda r: sign * best_row(r)[sweep.metric])
-    row = best_row(best)
+    results = reported_trials(sweep, grid)
+    _write_hparams(sweep, results)
+    best, row = best_trial(sweep, results)
     trial_id = best.metrics["trial_id"]
-    params = {k: _plain(best.config[k]) for k in sweep.space}
+    params = {k: plain(best.config[k]) for k in sweep.space}
     cfg = trial_config(sweep, params, trial_id)
-    final = bool(best.metrics.get("final"))
+    final = bool(best.metrics.get(layout.FINAL_FLAG))
     # The best weights of the trial: its `final` checkpoint when it ran to the end, else the
     # checkpoint of its best evaluation (ASHA stopped it later).
-    name = "final" if final else checkpoint_dir_name(int(row["step"]))
-    checkpoint = storage.join(run_url(cfg), name)
+    name = layout.FINAL_CHECKPOINT if final else layout.checkpoint_dir_name(int(row["step"]))
+    checkpoint = storage.join(layout.run_url(cfg), name)
     if final:
         test = {k: float(v) for k, v in best.metrics.items() if k.startswith("test/")}
     else:
         test = evaluate_checkpoint(checkpoint, prepared.cfg.data.url,
                                    split=cfg.eval.test_split, num_workers=cfg.ray.num_workers)
         test = {f"test/{k.split('/', 1)[1]}": v for k, v in test.items()}
-    val = {k: float(row[k]) for k in row.index if k.startswith("val/") and _finite(row[k])}
+    val = {k: float(row[k]) for k in row.index
+           if k.startswith("val/") and is_finite_number(row[k])}
 
     statuses = [_status(r) for r in grid]
-    best_yaml = storage.join(sweep.experiment_url, "best.yaml")
+    best_yaml = storage.join(sweep.experiment_url, layout.BEST_YAML)
     storage.write_text(best_yaml, best_config_yaml(sweep, params, trial_id=trial_id,
                                                    metrics={sweep.metric: val[sweep.metric]}))
     summary = SweepSummary(
@@ -159,44 +142,32 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
         trial_seconds=sum(float((r.metrics or {}).get("time_total_s", 0.0)) for r in grid),
         best_trial=trial_id, best_params=params, best_val=val, best_test=test,
         best_checkpoint=checkpoint, best_yaml=best_yaml)
-    storage.write_text(storage.join(sweep.experiment_url, "best.json"),
+    storage.write_text(storage.join(sweep.experiment_url, layout.BEST_JSON),
                        json.dumps(summary.__dict__, indent=2, default=str) + "\n")
     return summary
 
 
-def _write_hparams(sweep: Sweep, results, best_row) -> None:
+def _write_hparams(sweep: Sweep, results) -> None:
     """One TensorBoard HParams entry per trial that reported: its parameters beside the
     validation recall of its best evaluation (and test recall when it ran to the end)."""
-    from composeae.data import storage
-    from composeae.tblog import write_hparams
-
-    hparams = storage.join(sweep.experiment_url, "hparams")
+    hparams = storage.join(sweep.experiment_url, layout.HPARAMS_DIR)
     for result in results:
-        row = best_row(result)
+        row = best_row(sweep, result)
         metrics = {k: float(row[k]) for k in row.index
-                   if k.startswith("val/") and _finite(row[k])}
+                   if k.startswith("val/") and is_finite_number(row[k])}
         metrics |= {k: float(v) for k, v in result.metrics.items()
-                    if k.startswith("test/") and _finite(v)}
+                    if k.startswith("test/") and is_finite_number(v)}
         metrics["stopped_early"] = float(_status(result) == "stopped")
         trial = result.metrics["trial_id"]
         # A resumed sweep summarises again: the trial's entry is replaced, not added twice.
         old = storage.join(hparams, trial)
         for name in storage.listdir(old):
             storage.remove(storage.join(old, name))
-        write_hparams(hparams, {k: _plain(result.config[k]) for k in sweep.space}, metrics,
+        write_hparams(hparams, {k: plain(result.config[k]) for k in sweep.space}, metrics,
                       run_name=trial, step=int(row["step"]))
 
 
 def _status(result) -> str:
     if result.error is not None:
         return "error"
-    return "finished" if (result.metrics or {}).get("final") else "stopped"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _plain(value: Any) -> Any:
-    item = getattr(value, "item", None)
-    return item() if callable(item) else value
+    return "finished" if (result.metrics or {}).get(layout.FINAL_FLAG) else "stopped"

@@ -17,6 +17,8 @@ import argparse
 import json
 
 from composeae.errors import UserError
+from composeae.registry.store import ModelRegistry
+from composeae.storage import absolute_url
 
 
 def register(subparsers) -> None:
@@ -50,9 +52,6 @@ def register(subparsers) -> None:
 
 
 def _open(url: str):
-    from composeae.driver import absolute_url
-    from composeae.model_registry import ModelRegistry
-
     return ModelRegistry.open(absolute_url(url))
 
 

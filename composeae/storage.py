@@ -1,9 +1,10 @@
-"""Where dataset bytes live: local paths and `s3://bucket/prefix` URLs behind one small API.
+"""Where bytes live: local paths and `s3://bucket/prefix` URLs behind one small API.
 
-Everything that reads or writes shards, manifests or corpora goes through these functions, so the
-rest of the data plane never branches on the kind of URL. S3 goes through boto3 with the standard
-credential chain; `AWS_ENDPOINT_URL` (read natively by boto3) points it at an S3-compatible server.
-Credentials are never taken from arguments, configs or logged.
+Everything that reads or writes shards, manifests, corpora, run directories, pages and the model
+registry goes through these functions, so no other module branches on the kind of URL. S3 goes
+through boto3 with the standard credential chain; `AWS_ENDPOINT_URL` (read natively by boto3)
+points it at an S3-compatible server. Credentials are never taken from arguments, configs or
+logged.
 
 Importing this module registers an `s3` scheme in `webdataset.gopen_schemes` (webdataset has
 none), so `s3://` shard URLs stream through the same reader as `open_read`, which resumes a body
@@ -13,10 +14,14 @@ would lose a handler installed inside a function.
 
 Bad input (a bucket that does not exist, an unreachable endpoint, missing credentials) raises
 `UserError` with one line naming the URL; a missing object raises `FileNotFoundError`.
+
+One module, longer than most, on purpose: each operation is written once for both kinds of URL,
+side by side, which is the point of the module.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import io
@@ -98,6 +103,12 @@ def join(url: str, *names: str) -> str:
     if is_s3(url):
         return "/".join([url.rstrip("/"), *names])
     return os.path.join(url, *names)
+
+
+def absolute_url(url: str) -> str:
+    """A local path made absolute (Ray workers and Tune trials do not run in the caller's
+    directory); `s3://` URLs unchanged."""
+    return url if is_s3(url) else os.path.realpath(url)
 
 
 def s3_client():
@@ -281,8 +292,6 @@ def replace_if(url: str, data: bytes, tag: str | None) -> bool:
         return create_exclusive(url, data)
     if is_s3(url):
         return _put_object(url, data, IfMatch=tag)
-    import fcntl
-
     lock_path = os.path.join(os.path.dirname(os.path.abspath(url)),
                              f".{os.path.basename(url)}.lock")
     with open(lock_path, "a") as lock:

@@ -5,12 +5,14 @@
 
     model = create_model(cfg.model, cfg.loss, tokenizer)
 
-`list_models()` imports `composeae.models` so every built-in model is registered before listing.
+This module imports no model: the built-in models import it to register themselves, and
+`composeae.models` imports them after it, so any import of the zoo (which runs the package's
+`__init__` first) finds every built-in model registered. The model's files (`model.image_weights`,
+`model.bert_path`) are local paths here; `composeae.run.build` resolves `s3://` ones first.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Callable
 
 from composeae.errors import UserError
@@ -34,18 +36,13 @@ def register_model(name: str) -> Callable[[type], type]:
     return decorator
 
 
-def _ensure_builtin_models() -> None:
-    importlib.import_module("composeae.models")
-
-
 def list_models() -> list[str]:
     """Registered model names, sorted."""
-    _ensure_builtin_models()
     return sorted(_MODELS)
 
 
 def model_class(name: str) -> type:
-    _ensure_builtin_models()
+    """The class registered as `name`; `UserError` naming the config key for an unknown one."""
     if name not in _MODELS:
         raise UserError(f"config key model.name: unknown model {name!r}; "
                         f"registered: {', '.join(sorted(_MODELS))}")

@@ -1,6 +1,6 @@
 """The model registry: trained models as numbered versions in object storage, with aliases.
 
-Not to be confused with the model zoo (`composeae.zoo`), which maps architecture names to
+Not to be confused with the model zoo (`composeae.models.zoo`), which maps architecture names to
 classes: this registry holds *trained* models, the nightly job's champion among them. It is a
 prefix (a local directory or `s3://bucket/prefix`), no server:
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -7,16 +7,14 @@ the model in service over the last nights comes from the earlier nights' JSON re
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from typing import Any
 
-from composeae.data import storage
-from composeae.model_registry import ModelRegistry
-from composeae.nightly import recall_keys
-from composeae.report import figure_png
+from composeae import storage
+from composeae.registry.store import ModelRegistry
+from composeae.report.figures import bars_png, img, line_chart_png, page_style
+from composeae.report.tables import recall_keys
 
 
 def night_record(night: str, version: dict[str, Any], status: str) -> dict[str, Any]:
@@ -44,30 +42,6 @@ def night_record(night: str, version: dict[str, Any], status: str) -> dict[str, 
     }
 
 
-def _bars_png(tables: dict[str, dict[str, float]], title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = recall_keys(next(iter(tables.values())))
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    width = 0.8 / len(tables)
-    for i, (name, table) in enumerate(tables.items()):
-        xs = [j + (i - (len(tables) - 1) / 2) * width for j in range(len(keys))]
-        bars = ax.bar(xs, [100 * table[k] for k in keys], width, label=name)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(keys)), [k.split("/")[-1] for k in keys])
-    ax.set_ylabel("recall (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _recent(registry: ModelRegistry, night: str, nights: int) -> list[dict[str, Any]]:
     """The JSON reports of the last `nights` nights up to `night`, oldest first."""
     names = sorted(n for n in storage.listdir(registry.report_url())
@@ -92,19 +66,17 @@ def render_night(record: dict[str, Any], recent: list[dict[str, Any]]) -> str:
                                               [100 * r["in_service"]["value"] for r in served])}
     pictures = [
         ("champion and challenger",
-         _bars_png(tables, f"night {record['date']}: champion and challenger")),
-        (f"last {len(served)} nights", figure_png(
+         bars_png(tables, keys, f"night {record['date']}: champion and challenger")),
+        (f"last {len(served)} nights", line_chart_png(
             line, f"{metric} of the {record['alias']} after each night", "recall (%)",
             xlabel="night")),
     ]
-    images = "".join(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
-                     for alt, png in pictures)
+    images = "".join(img(png, html.escape(alt)) for alt, png in pictures)
     colour = {"promoted": "#1a7f37", "kept": "#9a6700"}.get(record["status"], "#444")
+    style = page_style(f".status{{color:{colour};font-weight:bold}}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>composeae nightly {html.escape(record["date"])}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .8em}}
-.status{{color:{colour};font-weight:bold}}</style></head>
+{style}</head>
 <body>
 <h1>Nightly {html.escape(record["date"])}:
 <span class="status">{html.escape(record["status"])}</span></h1>

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from composeae.data import storage
+from composeae import storage
 from composeae.errors import UserError
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def _on_every_node(fn: Callable[[Any], Any], arg: Any,
     Returns ({node: result}, [one line per node where it could not run]); a node is named
     "hostname (IP)", as the Ray dashboard lists it.
     """
-    import ray
+    import ray  # deferred: Ray takes seconds to import; models and the CLI must not need it
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
@@ -296,7 +296,7 @@ def check_node_files(cfg: "Config", timeout_s: float = 1800.0) -> None:
 
 
 def _only_this_machine(nodes: list[dict]) -> bool:
-    import ray
+    import ray  # deferred: see _on_every_node
 
     here = ray.util.get_node_ip_address()
     return all(n["NodeManagerAddress"] == here for n in nodes if n.get("Alive"))
@@ -317,7 +317,7 @@ def missing_on_nodes(paths: dict[str, str], timeout_s: float = 300.0) -> dict[st
     """
     if not paths:
         return {}
-    import ray
+    import ray  # deferred: see _on_every_node
 
     if ray.is_initialized() and _only_this_machine(ray.nodes()):
         # The embedded Ray (or a one-node cluster here): this process sees what the node sees,

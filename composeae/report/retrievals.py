@@ -1,18 +1,8 @@
-"""What the model retrieves: the top-K gallery images of a few fixed queries, as an HTML section.
+"""What the model retrieves, as an HTML section: the top-K gallery images of a few fixed queries.
 
-What belongs here: choosing the fixed queries of an evaluation split, ranking the gallery for them
-by the hit rule of `composeae.evaluate` (the query's group only, its own reference image left out
-when the dataset says so), reading just those images back from the shards, and drawing them.
-
-`top_k` is pure: it takes the gathered embeddings and metadata that `evaluate.score` takes and
-returns a JSON-able record (ids, similarities, hit flags), small enough to travel in a checkpoint
-(`RETRIEVALS_FILE` in the final one) or through Ray. `render_section` turns a record into HTML
-with the images inlined; it reads only the handful of images it shows.
-
-The queries are the same for every run on a dataset: evenly spaced in the order of their query
-ids, whatever the ranks and loader workers that gathered them. The order of the K images
-resolves ties of similarity against the query, as `composeae.metrics` counts ranks: a correct
-image tied with a wrong one is shown after it, so the page agrees with R@K.
+What belongs here: reading just the images of a retrieval record (`composeae.evaluate.top_k`'s,
+ids, similarities and hit flags) back from the dataset's shards, and drawing them. It reads only
+the handful of images it shows.
 """
 
 from __future__ import annotations
@@ -24,78 +14,18 @@ import json
 import logging
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
+
+from composeae.data import schema, shardset
+from composeae.data.tarstream import open_shard, tar_samples
+from composeae.evaluate import K
 
 log = logging.getLogger(__name__)
 
-NUM_QUERIES = 6
-"""Fixed queries shown per split."""
-K = 5
-"""Gallery images shown per query."""
-RETRIEVALS_FILE = "retrievals.json"
-"""Next to `history.json` in a run's final checkpoint: `top_k`'s record for the test split."""
 THUMBNAIL = 128
 """Largest side of an image inlined in the page (larger images are shrunk, smaller kept)."""
 SHOWN = 96
 """CSS pixels of an image's box on the page; smaller images are scaled up pixelated."""
-
-
-def pick_queries(query_ids: list[str], n: int = NUM_QUERIES) -> list[int]:
-    """Indices into `query_ids` of `n` queries evenly spaced in id order (all when fewer): the
-    same queries whatever order the ranks gathered them in."""
-    order = sorted(range(len(query_ids)), key=lambda i: query_ids[i])
-    if n >= len(order):
-        return order
-    return [order[(2 * j + 1) * len(order) // (2 * n)] for j in range(n)]
-
-
-def top_k(queries: dict[str, Any], gallery: dict[str, Any], *, num_queries: int = NUM_QUERIES,
-          k: int = K, exclude_reference: bool = True, split: str = "") -> dict[str, Any]:
-    """The K most similar gallery images of each fixed query, by the hit rule of the recall.
-
-    queries / gallery: as `composeae.evaluate.score` gets them ("emb" (N, D) tensors and metadata
-    lists). A query ranks the gallery images of its group, without the image of its reference id
-    when `exclude_reference`; an image is correct (`hit`) when its label is the query's target
-    label. Each query also carries `first_hit_rank` (0-based; the rank `first_hit_rank` of
-    `composeae.metrics` gives it) and `first_hit_id`, None when no image of its gallery is correct.
-    """
-    picked = pick_queries(queries["query_id"], num_queries)
-    record: dict[str, Any] = {"split": split, "k": k, "exclude_reference": exclude_reference,
-                              "queries": []}
-    if not picked or len(gallery["image_id"]) == 0:
-        return record
-    g_emb = F.normalize(gallery["emb"].float(), dim=1)
-    q_emb = F.normalize(queries["emb"][picked].float(), dim=1)
-    sims = torch.mm(q_emb, g_emb.T).numpy()  # (n, G): n is a handful
-    g_ids = np.asarray(gallery["image_id"], dtype=object)
-    g_labels = np.asarray(gallery["label"], dtype=object)
-    g_groups = np.asarray(gallery["group"], dtype=object)
-    for row, i in enumerate(picked):
-        valid = g_groups == queries["group"][i]
-        if exclude_reference:
-            valid &= g_ids != queries["reference_id"][i]
-        candidates = np.flatnonzero(valid)
-        sim = sims[row, candidates]
-        hit = g_labels[candidates] == queries["target_label"][i]
-        # By similarity, highest first; among equal similarities the wrong images first.
-        order = np.lexsort((hit, -sim))
-        hits = np.flatnonzero(hit[order])
-        first = int(hits[0]) if len(hits) else None
-        record["queries"].append({
-            "query_id": queries["query_id"][i],
-            "reference_id": queries["reference_id"][i],
-            "target_id": queries["target_id"][i],
-            "target_label": queries["target_label"][i],
-            "group": queries["group"][i],
-            "top": [{"image_id": str(g_ids[candidates[j]]), "label": str(g_labels[candidates[j]]),
-                     "similarity": round(float(sim[j]), 4), "hit": bool(hit[j])}
-                    for j in order[:k]],
-            "first_hit_rank": first,
-            "first_hit_id": None if first is None else str(g_ids[candidates[order[first]]]),
-        })
-    return record
 
 
 # --- images from the shards ----------------------------------------------------------------------
@@ -103,9 +33,6 @@ def top_k(queries: dict[str, Any], gallery: dict[str, Any], *, num_queries: int 
 def _scan(shards: list[dict], wanted: set[str], id_key: str, image_key: str
           ) -> dict[str, tuple[bytes, dict]]:
     """{id: (image bytes, metadata)} of the wanted samples; stops once all are found."""
-    from composeae.data import schema
-    from composeae.data.tarstream import open_shard, tar_samples
-
     found: dict[str, tuple[bytes, dict]] = {}
     for shard in shards:
         if len(found) == len(wanted):
@@ -129,10 +56,7 @@ def read_images(data_url: str, record: dict[str, Any]
     """The record's images from the dataset's shards of its split: ({query id: (reference image
     bytes, query metadata)}, {gallery image id: image bytes}). Only the shards up to the last
     image needed are read."""
-    from composeae.data import schema, shardset
-    from composeae.data.writer import read_manifest
-
-    manifest = read_manifest(data_url)
+    manifest = shardset.read_manifest(data_url)
     split = record["split"]
     wanted_q = {q["query_id"] for q in record["queries"]}
     wanted_g = {t["image_id"] for q in record["queries"] for t in q["top"]}
@@ -146,8 +70,6 @@ def read_images(data_url: str, record: dict[str, Any]
 
 def thumbnail(data: bytes) -> tuple[str, int, int]:
     """Image bytes -> (data: URI, width, height), shrunk to `THUMBNAIL` pixels at most."""
-    from PIL import Image
-
     image = Image.open(io.BytesIO(data))
     fmt = "PNG" if image.format == "PNG" else "JPEG"
     image = image.convert("RGB")
@@ -255,13 +177,3 @@ the best-ranked correct image follows, dashed, with its rank.{kept}</p>
 {problem}{"".join(rows)}
 </section>
 """
-
-
-def load_record(checkpoint_url: str) -> dict[str, Any] | None:
-    """The retrieval record in a checkpoint directory, None when it has none (older runs)."""
-    from composeae.data import storage
-
-    url = storage.join(checkpoint_url, RETRIEVALS_FILE)
-    if not storage.exists(url):
-        return None
-    return json.loads(storage.read_text(url))

@@ -1,0 +1,2 @@
+"""Helpers for the tests and the benchmarks, never imported by the library itself: a real local
+Ray head to submit jobs to, free ports, and stopping the processes a test started."""
