@@ -155,6 +155,24 @@ def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch
     assert [h["step"] for h in summary.history if "val/R@1" in h] == [3, 6, 8]
     assert [h["step"] for h in summary.history if "loss" in h] == [2, 4, 6, 8]
 
+    # A resume changes nothing: the same run never interrupted ends with the same weights (the
+    # model has dropout, so every rank's random state must have been restored) and metrics.
+    monkeypatch.delenv(FAULT_ENV)
+    clean = run_training(tiny(tmp_path / "clean", tiny_shards, train={"steps": 8,
+                                                                     "eval_every": 3}))
+    assert clean.metrics["resumes"] == 0
+    recall = {k: v for k, v in clean.metrics.items() if k.startswith(("val/", "test/"))}
+    assert recall and {k: metrics[k] for k in recall} == recall
+    val = [{k: v for k, v in h.items() if k.startswith("val/")} for h in clean.history]
+    assert val == [{k: v for k, v in h.items() if k.startswith("val/")} for h in summary.history]
+    # Loss windows after the resume point (steps 5-6 and 7-8) saw the same batches and draws.
+    losses = {h["step"]: h["loss"] for h in clean.history if "loss" in h}
+    assert [losses[6], losses[8]] == [h["loss"] for h in summary.history
+                                      if h.get("step") in (6, 8) and "loss" in h]
+    weights = [torch.load(Path(s.checkpoint_url) / "model.pt", weights_only=True)["model"]
+               for s in (summary, clean)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
 
 def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
