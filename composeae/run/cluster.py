@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from composeae.config import Config, replace
+from composeae.config import Config, replace, worker_range
 from composeae.errors import UserError
 from composeae.run.nodefiles import missing_on_nodes
 from composeae.storage import absolute_url
@@ -56,7 +56,7 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault(STATE_TRACKING_ENV, "1")
     os.environ.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
     # Enough logical CPUs for the workers (plus the Train controller), whatever the core count.
-    need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
+    need = int(worker_range(cfg.ray)[1] * cfg.ray.cpus_per_worker) + 1
     # The dashboard stays on: people watch runs there, and Ray Train's cleanup polls its state API.
     ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True)
 
@@ -71,12 +71,17 @@ def release_ray() -> None:
 
 
 def scaling_config(cfg: Config, num_workers: int | None = None):
-    """The `ScalingConfig` of a run's workers: `ray.num_workers` (or `num_workers`), GPUs or not,
-    `ray.cpus_per_worker` CPUs each."""
+    """The `ScalingConfig` of a run's workers: `ray.num_workers` (or `num_workers`; a
+    `[min, max]` range makes the group elastic), GPUs or not, `ray.cpus_per_worker` CPUs each,
+    placed by `ray.placement_strategy`."""
     from ray.train import ScalingConfig  # deferred: see init_ray
 
-    return ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
+    low, high = worker_range(cfg.ray)
+    workers = num_workers or (high if low == high else (low, high))
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                         placement_strategy=cfg.ray.placement_strategy,
+                         elastic_resize_monitor_interval_s=cfg.ray.resize_check_s)
 
 
 def train_logging_config(cfg: Config):

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from composeae import storage
 from composeae.checkpoint import load_checkpoint
-from composeae.config import Config, config_to_dict, dump_config
+from composeae.config import Config, config_to_dict, dump_config, worker_range
 from composeae.data.schema import MANIFEST
 from composeae.data.shardset import has_split, load_corpus
 from composeae.data.synth import generate
@@ -185,8 +185,10 @@ def fault_plan() -> dict | None:
 def describe(cfg: Config) -> str:
     """The line the command line prints when a run starts."""
     kind = "GPU" if cfg.ray.use_gpu else "CPU"
-    return (f"training {cfg.model.name} on {cfg.data.url} with {cfg.ray.num_workers} {kind} "
-            f"worker(s); run {run_url(cfg)}")
+    low, high = worker_range(cfg.ray)
+    workers = f"{high}" if low == high else f"{low} to {high} (elastic)"
+    return (f"training {cfg.model.name} on {cfg.data.url} with {workers} {kind} worker(s); "
+            f"run {run_url(cfg)}")
 
 
 def ensure_dataset(cfg: Config) -> Config:

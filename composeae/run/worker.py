@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from composeae.checkpoint import MODEL_FILE, checkpoint_state, load_checkpoint, save_checkpoint
-from composeae.config import Config, config_from_dict
+from composeae.config import Config, config_from_dict, global_batch
 from composeae.data.shardset import has_split
 from composeae.data.stream import TrainStream
 from composeae.distributed import (autocast_context, gather_objects, rng_state,
@@ -58,6 +58,15 @@ class TrainState:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     """The final report's metrics, so a resubmitted finished run can hand them on again."""
     history: list[dict[str, float]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per start of the worker group: {"step", "workers", "nodes"}; an elastic run's
+    resizes are the entries whose worker count differs from the one before."""
+
+
+def resizes(attempts: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """[{"step", "from", "to"}] for every change of the worker count between attempts."""
+    return [{"step": b["step"], "from": a["workers"], "to": b["workers"]}
+            for a, b in zip(attempts, attempts[1:]) if a["workers"] != b["workers"]]
 
 
 def _say(message: str) -> None:
@@ -279,7 +288,10 @@ class _Worker:
         cfg, state = self.cfg, self.state
         if state.step:
             _say(f"rank {self.rank}: resumed at step {state.step}")
-        stream = TrainStream(cfg.data, cfg.train.batch_size, rank=self.rank,
+        self.record_attempt()
+        # The global batch is the config's at every world size (an elastic group splits it
+        # over the workers it has), so the schedule and the epochs are the same steps.
+        stream = TrainStream(cfg.data, global_batch(cfg) // self.world_size, rank=self.rank,
                              world_size=self.world_size, seed=cfg.train.seed)
         self.progress = _Progress(cfg, self.rank, self.world_size, self.tensorboard_url,
                                   state.step)
@@ -302,6 +314,21 @@ class _Worker:
                     self.evaluate_and_report(epoch)
                 if state.step >= cfg.train.steps:
                     break
+
+    def record_attempt(self) -> None:
+        """Note this start of the worker group (step, workers, their nodes); say a resize."""
+        import ray.util  # deferred: see _restore
+
+        state = self.state
+        nodes = sorted(set(gather_objects(ray.util.get_node_ip_address())))
+        state.attempts.append({"step": state.step, "workers": self.world_size, "nodes": nodes})
+        if self.rank != 0:
+            return
+        changed = resizes(state.attempts[-2:])
+        if changed:
+            _say(f"resized at step {state.step}: {changed[0]['from']} -> {changed[0]['to']} "
+                 f"workers")
+        _say(f"{self.world_size} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
 
     def evaluate_and_report(self, epoch: int) -> None:
         """Score the validation split, keep the best weights, report a checkpoint."""
@@ -344,6 +371,8 @@ class _Worker:
             world_size=self.world_size, device=self.device, precision=cfg.train.precision)
         final = {"step": state.step, "samples_seen": state.samples_seen,
                  "best_step": state.best_step, "resumes": state.resumes,
+                 "workers": self.world_size, "resizes": resizes(state.attempts),
+                 "nodes": state.attempts[-1]["nodes"] if state.attempts else [],
                  "score": state.best_score, layout.FINAL_FLAG: True}
         final |= {f"test/{k}": v for k, v in test.items()}
         # The validation recall of these weights too, so a scheduler or searcher watching
