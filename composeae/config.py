@@ -223,6 +223,9 @@ class RayConfig:
     """Training workers (DDP ranks): a number, or `[min, max]` for an elastic group that goes
     on with what the cluster holds (at least `min`) after losing a node and grows back to
     `max` when room returns."""
+    wait_for_resources_s: float = 600.0
+    """How long a run on a joined cluster waits for room for `min` workers (an autoscaler adding
+    nodes) before it fails; an embedded Ray never gains any, so there it fails at once."""
     resize_check_s: float = 60.0
     """How often (seconds) a running elastic group checks whether it can grow."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -291,7 +294,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
     "optim.backbone_lr_mult", "optim.momentum", "optim.weight_decay", "optim.warmup_steps",
-    "optim.grad_clip", "train.seed", "ray.max_failures", "model.dropout", "model.a_init",
+    "optim.grad_clip", "train.seed", "ray.max_failures", "ray.wait_for_resources_s", "model.dropout", "model.a_init",
 }
 
 

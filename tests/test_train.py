@@ -225,3 +225,18 @@ def test_missing_dataset_is_one_line(tmp_path):
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "no dataset at" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gpus_the_cluster_lacks_are_one_line_before_any_worker(tmp_path):
+    """An embedded Ray never gains resources: asking for GPUs on a machine without them fails
+    at once, naming what was asked and what the cluster has, and writes nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "composeae.cli", "train", "--config", str(TINY), "--set",
+         f"train.storage={tmp_path / 'runs'}", "--set", "data.synth_if_missing=true",
+         "--set", f"data.url={tmp_path / 'css'}", "--set", "ray.use_gpu=true"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error == ("error: 2 worker(s) (ray.num_workers, ray.cpus_per_worker, ray.use_gpu) "
+                     "need 1 CPUs and 2 GPUs; the cluster has 0 GPUs")
+    assert not (tmp_path / "runs").exists()

@@ -19,6 +19,7 @@ a Python warnings option for the embedded Ray's processes (`QUIET_WARNINGS`). A 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from composeae.config import Config, replace, worker_range
@@ -59,6 +60,44 @@ def init_ray(cfg: Config) -> None:
     need = int(worker_range(cfg.ray)[1] * cfg.ray.cpus_per_worker) + 1
     # The dashboard stays on: people watch runs there, and Ray Train's cleanup polls its state API.
     ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True)
+
+
+def wait_for_resources(cfg: Config, poll_s: float = 2.0) -> None:
+    """Return once the cluster holds `min` workers' CPUs (and GPUs); else fail in one line.
+
+    On a joined cluster it waits up to `ray.wait_for_resources_s`, saying once what it waits
+    for (Ray Train itself would wait silently forever); an embedded Ray fails at once."""
+    import ray  # deferred: see init_ray
+
+    workers = worker_range(cfg.ray)[0]
+    need = {"CPU": workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        need["GPU"] = float(workers)
+
+    def short() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {res: have.get(res, 0.0) for res, amount in need.items()
+                if have.get(res, 0.0) + 1e-9 < amount}
+
+    missing = short()
+    if not missing:
+        return
+    asked = " and ".join(f"{amount:g} {res}s" for res, amount in need.items())
+    what = (f"{workers} worker(s) (ray.num_workers, ray.cpus_per_worker"
+            f"{', ray.use_gpu' if cfg.ray.use_gpu else ''}) need {asked}")
+    limit = 0.0 if _embedded(cfg) else cfg.ray.wait_for_resources_s
+    if limit > 0:
+        print(f"waiting up to {limit:g} s (ray.wait_for_resources_s) for the cluster to hold "
+              f"{what}", flush=True)
+        deadline = time.monotonic() + limit
+        while missing and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            missing = short()
+        if not missing:
+            return
+    has = " and ".join(f"{amount:g} {res}s" for res, amount in missing.items())
+    raise UserError(f"{what}; the cluster has {has}"
+                    + (f" after {limit:g} s" if limit > 0 else ""))
 
 
 def release_ray() -> None:
