@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,34 +96,39 @@ def test_data_only_on_the_drivers_disk_is_one_line(cluster):
 
 def test_elastic_run_finishes_on_the_node_that_is_left(cluster, s3_shards):
     """`num_workers: [1, 2]`, node B killed for good mid-run: the group restarts on one worker
-    from the last checkpoint and ends with the planned steps and samples."""
+    from the last checkpoint and ends with the planned steps and samples (the global batch of
+    16 is split 8 + 8 on two workers, 16 on one)."""
     run = "s3://multinode/runs/elastic"
-    steps = 30
+    steps = 60
     proc = train(cluster, f"data.url={s3_shards}", "train.storage=s3://multinode/runs",
                  "train.name=elastic", "ray.placement_strategy=SPREAD", "ray.num_workers=[1, 2]",
-                 "ray.cpus_per_worker=1", f"train.steps={steps}", "train.eval_every=5",
-                 "train.log_every=1", "ray.max_failures=2", wait=False)
-    out, killed_at = [], None
+                 "ray.cpus_per_worker=1", f"train.steps={steps}", "train.eval_every=10",
+                 "train.log_every=5", "ray.max_failures=3", wait=False)
+    out, killer = [], None
     try:
         for line in proc.stdout:
             out.append(line)
-            match = re.search(r"\bstep (\d+)/%d " % steps, line)
-            if killed_at is None and match and int(match.group(1)) >= 6:
-                killed_at = time.monotonic()
-                cluster.kill_node(1)
+            if killer is None and "validation at step 10 " in line:
+                # Ray Train collects a report when it polls the workers (every 2 s): a node lost
+                # sooner takes the report with it. 3 s later the step-10 checkpoint is safe.
+                killer = threading.Timer(3.0, cluster.kill_node, args=(1,))
+                killer.start()
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+        if killer is not None:
+            killer.join()
         cluster.start_node(1)  # the module's other tests keep their two nodes
     stdout = "".join(out)
     assert proc.returncode == 0, stdout[-4000:]
-    assert killed_at is not None
+    assert killer is not None
     closing_lines(stdout, run)
     metrics = json.loads(storage.read_text(f"{run}/metrics.json"))
     assert metrics["step"] == steps and metrics["samples_seen"] == steps * 8 * 2
     assert metrics["workers"] == 1 and metrics["nodes"] == [n for n in metrics["nodes"]
                                                             if n != NODE_B]
     (resize,) = metrics["resizes"]
-    assert resize["from"] == 2 and resize["to"] == 1 and 5 <= resize["step"] < steps
+    assert resize["from"] == 2 and resize["to"] == 1
+    assert resize["step"] % 10 == 0 and 10 <= resize["step"] < steps  # from a checkpoint
     assert f"resized at step {resize['step']}: 2 -> 1 workers" in stdout
