@@ -182,7 +182,8 @@ class TrainConfig:
     steps: int = 1000
     """Total optimizer steps."""
     batch_size: int = 32
-    """Batch size per rank."""
+    """Batch size per rank (at the largest world size of an elastic `ray.num_workers`: the
+    global batch, this x the most workers, stays the same when the group shrinks or grows)."""
     eval_every: int = 250
     """Evaluate on the validation split and checkpoint every this many steps."""
     log_every: int = 20
@@ -218,8 +219,18 @@ class RayConfig:
     """Profile of `ray_config.yaml` applied on top of the file (before `--set`)."""
     address: str | None = None
     """Ray address; unset starts an embedded local Ray (or joins the job's cluster)."""
-    num_workers: int = 2
-    """Training workers (DDP ranks)."""
+    num_workers: int | tuple[int, int] = 2
+    """Training workers (DDP ranks): a number, or `[min, max]` for an elastic group that goes
+    on with what the cluster holds (at least `min`) after losing a node and grows back to
+    `max` when room returns."""
+    wait_for_resources_s: float = 600.0
+    """How long a run on a joined cluster waits for room for `min` workers (an autoscaler adding
+    nodes) before it fails; an embedded Ray never gains any, so there it fails at once."""
+    resize_check_s: float = 60.0
+    """How often (seconds) a running elastic group checks whether it can grow."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Where workers go: `PACK` fills few nodes, `SPREAD` one worker per node where it can
+    (`STRICT_*` or fail to start)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL; otherwise gloo on CPU."""
     cpus_per_worker: float = 1.0
@@ -277,13 +288,13 @@ _POSITIVE = {
     "model.max_text_len", "model.bert_layers", "model.bert_hidden", "model.bert_heads",
     "model.bert_vocab_size", "loss.init_scale", "optim.lr", "optim.decay_every",
     "optim.decay_factor", "train.steps", "train.batch_size", "train.eval_every",
-    "train.log_every", "eval.batch_size", "eval.chunk_size", "ray.num_workers",
+    "train.log_every", "eval.batch_size", "eval.chunk_size", "ray.resize_check_s",
     "ray.cpus_per_worker", "ray.num_to_keep", "nightly.day_sources", "nightly.history_nights",
 }
 _NON_NEGATIVE = {
     "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
     "optim.backbone_lr_mult", "optim.momentum", "optim.weight_decay", "optim.warmup_steps",
-    "optim.grad_clip", "train.seed", "ray.max_failures", "model.dropout", "model.a_init",
+    "optim.grad_clip", "train.seed", "ray.max_failures", "ray.wait_for_resources_s", "model.dropout", "model.a_init",
 }
 
 
@@ -315,9 +326,37 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", cfg.nightly.alias):
         raise UserError(f"config key nightly.alias must be a name (letters, digits, '_.-'), "
                         f"got {cfg.nightly.alias!r}")
+    _validate_workers(cfg)
     if not cfg.train.name or "/" in cfg.train.name:
         raise UserError(f"config key train.name must be a non-empty name without '/', "
                         f"got {cfg.train.name!r}")
+
+
+def worker_range(ray_cfg: RayConfig) -> tuple[int, int]:
+    """(min, max) workers: equal for a fixed-size group."""
+    n = ray_cfg.num_workers
+    return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+def global_batch(cfg: Config) -> int:
+    """Samples per optimizer step over all ranks: the same at every world size."""
+    return cfg.train.batch_size * worker_range(cfg.ray)[1]
+
+
+def _validate_workers(cfg: Config) -> None:
+    n = cfg.ray.num_workers
+    if isinstance(n, tuple) and len(n) != 2:
+        raise UserError(f"config key ray.num_workers must be a number or [min, max], got {list(n)}")
+    low, high = worker_range(cfg.ray)
+    if low < 1 or low > high:
+        raise UserError(f"config key ray.num_workers must be >= 1 (as [min, max]: "
+                        f"1 <= min <= max), got {n if isinstance(n, int) else list(n)}")
+    total = global_batch(cfg)
+    uneven = [w for w in range(low, high + 1) if total % w]
+    if uneven:
+        raise UserError(f"the global batch {total} (train.batch_size {cfg.train.batch_size} x "
+                        f"{high} workers) cannot be split evenly over {uneven[0]} workers of "
+                        f"ray.num_workers {list(n)}; make it a multiple of every size in the range")
 
 
 def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
@@ -328,6 +367,8 @@ def _coerce(dotted: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if isinstance(value, (list, tuple)):  # `int | tuple[int, int]`: the list form
+            inner = [a for a in inner if typing.get_origin(a) is tuple] or inner
         return _coerce(dotted, value, inner[0])
     if origin is Literal:
         if value not in args:

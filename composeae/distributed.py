@@ -41,6 +41,23 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch random state: the CPU generator and, once CUDA is in use, the current
+    device's. Dropout, augmentation in the trainer's process and sampled negatives draw from
+    them; the data order has seeded generators of its own."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` returned (in the same kind of process: CPU, or one GPU)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def sync_buffers(model: nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics).
 

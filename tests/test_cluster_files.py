@@ -383,7 +383,7 @@ def test_all_kuberay_manifests_use_one_image():
 @pytest.mark.parametrize("where,spec", rayjob_specs(), ids=lambda v: str(v)[:60])
 def test_rayjob_cluster_fits_the_job(where, spec, monkeypatch):
     """A RayJob whose cluster has fewer GPUs or CPUs than the job asks for waits forever."""
-    from composeae.config import load_config
+    from composeae.config import load_config, worker_range
 
     monkeypatch.chdir(ROOT)
     args = argv(spec["entrypoint"])
@@ -394,7 +394,8 @@ def test_rayjob_cluster_fits_the_job(where, spec, monkeypatch):
             limits = c["resources"]["limits"]
             gpus += group["replicas"] * int(limits["nvidia.com/gpu"])
             pods_cpu.append(float(limits["cpu"]) / int(limits["nvidia.com/gpu"]))
-    assert gpus >= cfg.ray.num_workers, f"{where}: {gpus} GPUs for {cfg.ray.num_workers} workers"
+    workers = worker_range(cfg.ray)[1]
+    assert gpus >= workers, f"{where}: {gpus} GPUs for {workers} workers"
     assert min(pods_cpu) >= cfg.ray.cpus_per_worker, f"{where}: too few CPUs per GPU"
 
 

@@ -119,3 +119,29 @@ def test_models_command_lists_the_zoo(capsys):
     out = capsys.readouterr().out
     for name in ("composeae", "tirg", "concat", "realspace_concat_ae", "image_only", "text_only"):
         assert name in out
+
+
+@pytest.mark.parametrize("workers,batch,needle", [
+    ("[2, 1]", 8, "1 <= min <= max"),
+    ("[0, 2]", 8, "1 <= min <= max"),
+    ("0", 8, "must be >= 1"),
+    ("1.5", 8, "must be an integer"),
+    ("[1, 2, 3]", 8, "a number or [min, max]"),
+    ("[2, 3]", 5, "cannot be split evenly over 2 workers"),
+])
+def test_bad_worker_ranges_are_one_line(workers, batch, needle):
+    with pytest.raises(UserError) as err:
+        load_config(None, [f"ray.num_workers={workers}", f"train.batch_size={batch}"])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_elastic_range_keeps_the_global_batch_and_round_trips(tmp_path):
+    from composeae.config import global_batch, worker_range
+
+    cfg = load_config(None, ["ray.num_workers=[1, 2]", "train.batch_size=8"])
+    assert worker_range(cfg.ray) == (1, 2) and global_batch(cfg) == 16
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path, []) == cfg
+    fixed = load_config(None, ["ray.num_workers=3", "train.batch_size=8"])
+    assert worker_range(fixed.ray) == (3, 3) and global_batch(fixed) == 24

@@ -154,6 +154,31 @@ def test_augment_keeps_shapes(css_tiny):
     assert batch["reference"].shape == batch["target"].shape == (4, 3, 32, 32)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_augmented_epoch_replays_exactly_and_leaves_the_callers_rng(css_tiny, workers):
+    """A resumed run restarts the epoch in fresh workers and skips what it trained on: the
+    batches it keeps must be the interrupted run's, crops and flips included, and decoding must
+    not draw from the trainer's random state (dropout's)."""
+    data = DataConfig(url=css_tiny, image_size=32, loader_workers=workers, augment=True,
+                      shuffle_buffer=8)
+    before = torch.get_rng_state()
+    interrupted = TrainStream(data, 4, rank=0, world_size=1, seed=3)
+    list(interrupted.epoch(0))  # its (persistent) workers have been through an epoch already
+    first = list(interrupted.epoch(1))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(123)  # a resumed trainer's state differs; the augmentation must not care
+    again = list(TrainStream(data, 4, rank=0, world_size=1, seed=3).epoch(1))[5:]
+    assert len(again) == len(first) - 5
+    for a, b in zip(first[5:], again):
+        assert a["target_id"] == b["target_id"]
+        assert torch.equal(a["reference"], b["reference"]) and torch.equal(a["target"], b["target"])
+    # Another epoch crops differently: the seed is not one fixed crop per sample.
+    other = {b["target_id"][0]: b["target"][0] for b in
+             TrainStream(data, 4, rank=0, world_size=1, seed=3).epoch(2)}
+    assert any(not torch.equal(other[b["target_id"][0]], b["target"][0])
+               for b in first if b["target_id"][0] in other)
+
+
 @pytest.fixture
 def damaged(tmp_path) -> str:
     """The uneven dataset with val query shard 1 replaced by garbage and shard 3 truncated."""

@@ -155,6 +155,24 @@ def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch
     assert [h["step"] for h in summary.history if "val/R@1" in h] == [3, 6, 8]
     assert [h["step"] for h in summary.history if "loss" in h] == [2, 4, 6, 8]
 
+    # A resume changes nothing: the same run never interrupted ends with the same weights (the
+    # model has dropout, so every rank's random state must have been restored) and metrics.
+    monkeypatch.delenv(FAULT_ENV)
+    clean = run_training(tiny(tmp_path / "clean", tiny_shards, train={"steps": 8,
+                                                                     "eval_every": 3}))
+    assert clean.metrics["resumes"] == 0
+    recall = {k: v for k, v in clean.metrics.items() if k.startswith(("val/", "test/"))}
+    assert recall and {k: metrics[k] for k in recall} == recall
+    val = [{k: v for k, v in h.items() if k.startswith("val/")} for h in clean.history]
+    assert val == [{k: v for k, v in h.items() if k.startswith("val/")} for h in summary.history]
+    # Loss windows after the resume point (steps 5-6 and 7-8) saw the same batches and draws.
+    losses = {h["step"]: h["loss"] for h in clean.history if "loss" in h}
+    assert [losses[6], losses[8]] == [h["loss"] for h in summary.history
+                                      if h.get("step") in (6, 8) and "loss" in h]
+    weights = [torch.load(Path(s.checkpoint_url) / "model.pt", weights_only=True)["model"]
+               for s in (summary, clean)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
 
 def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
@@ -207,3 +225,18 @@ def test_missing_dataset_is_one_line(tmp_path):
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert "no dataset at" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_gpus_the_cluster_lacks_are_one_line_before_any_worker(tmp_path):
+    """An embedded Ray never gains resources: asking for GPUs on a machine without them fails
+    at once, naming what was asked and what the cluster has, and writes nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "composeae.cli", "train", "--config", str(TINY), "--set",
+         f"train.storage={tmp_path / 'runs'}", "--set", "data.synth_if_missing=true",
+         "--set", f"data.url={tmp_path / 'css'}", "--set", "ray.use_gpu=true"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error == ("error: 2 worker(s) (ray.num_workers, ray.cpus_per_worker, ray.use_gpu) "
+                     "need 1 CPUs and 2 GPUs; the cluster has 0 GPUs")
+    assert not (tmp_path / "runs").exists()

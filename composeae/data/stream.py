@@ -45,6 +45,7 @@ import logging
 import math
 import multiprocessing
 import random
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -207,14 +208,29 @@ class _GroupPairs:
 
 
 class _DecodeUnits:
-    """Decode every sample of a unit; a unit with an undecodable sample is dropped whole."""
+    """Decode every sample of a unit; a unit with an undecodable sample is dropped whole.
 
-    def __init__(self, decode: SampleDecoder):
-        self.decode = decode
+    With `seed` and `epoch` (training with augmentation), each sample's random crop and flip
+    draw from torch's generator seeded by (seed, epoch, sample key) alone: the same in a resumed
+    run, which replays the skipped part of an epoch in fresh workers, and whichever worker or
+    rank decodes the sample. The caller's random state is left as it was.
+    """
+
+    def __init__(self, decode: SampleDecoder, seed: int | None = None,
+                 epoch: SharedEpoch | None = None):
+        self.decode, self.seed, self.epoch = decode, seed, epoch
+
+    def _decode(self, sample: dict) -> dict | None:
+        if self.epoch is None:
+            return self.decode(sample)
+        key = zlib.crc32(str(sample.get("__key__", "")).encode())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_stream_seed(self.seed, self.epoch.get(), key))
+            return self.decode(sample)
 
     def __call__(self, units: Iterator[list[dict]]) -> Iterator[list[dict]]:
         for unit in units:
-            decoded = [self.decode(sample) for sample in unit]
+            decoded = [self._decode(sample) for sample in unit]
             if all(d is not None for d in decoded):
                 yield decoded
 
@@ -305,7 +321,8 @@ class TrainStream:
             ShardSamples(self.errors, max_failures=2 * len(self.shards) + 2),
             *mix,
             _DecodeUnits(SampleDecoder(schema.TRIPLETS, data.image_size, data.augment,
-                                       self.errors)),
+                                       self.errors),
+                         *((self.seed, epoch) if data.augment else ())),
             _Batches(self.batch_size, partial=False),
         ).with_epoch(self.steps_per_epoch // self.workers)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from composeae import storage
-from composeae.config import Config, config_to_dict, replace
+from composeae.config import Config, config_to_dict, replace, worker_range
 from composeae.data.revisions import append_synth_day, fingerprint, parse_day
 from composeae.data.shardset import read_manifest
 from composeae.nightly.report import write_night_report
@@ -165,7 +165,7 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
     log.info("scoring the challenger%s on %s [%s]", " and the champion" if champion else "",
              cfg.data.url, n.split)
     tables = evaluate_checkpoints(checkpoints, cfg.data.url, split=n.split,
-                                  num_workers=cfg.ray.num_workers)
+                                  num_workers=worker_range(cfg.ray)[0])
     key = f"{n.split}/{n.metric or cfg.eval.selection_metric}"
     promote, reason = decide(tables[0], tables[1] if champion else None, key, n.margin)
     record = {

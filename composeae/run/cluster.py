@@ -19,9 +19,10 @@ a Python warnings option for the embedded Ray's processes (`QUIET_WARNINGS`). A 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
-from composeae.config import Config, replace
+from composeae.config import Config, replace, worker_range
 from composeae.errors import UserError
 from composeae.run.nodefiles import missing_on_nodes
 from composeae.storage import absolute_url
@@ -56,9 +57,47 @@ def init_ray(cfg: Config) -> None:
     os.environ.setdefault(STATE_TRACKING_ENV, "1")
     os.environ.setdefault("PYTHONWARNINGS", QUIET_WARNINGS)
     # Enough logical CPUs for the workers (plus the Train controller), whatever the core count.
-    need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
+    need = int(worker_range(cfg.ray)[1] * cfg.ray.cpus_per_worker) + 1
     # The dashboard stays on: people watch runs there, and Ray Train's cleanup polls its state API.
     ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), log_to_driver=True)
+
+
+def wait_for_resources(cfg: Config, poll_s: float = 2.0) -> None:
+    """Return once the cluster holds `min` workers' CPUs (and GPUs); else fail in one line.
+
+    On a joined cluster it waits up to `ray.wait_for_resources_s`, saying once what it waits
+    for (Ray Train itself would wait silently forever); an embedded Ray fails at once."""
+    import ray  # deferred: see init_ray
+
+    workers = worker_range(cfg.ray)[0]
+    need = {"CPU": workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        need["GPU"] = float(workers)
+
+    def short() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {res: have.get(res, 0.0) for res, amount in need.items()
+                if have.get(res, 0.0) + 1e-9 < amount}
+
+    missing = short()
+    if not missing:
+        return
+    asked = " and ".join(f"{amount:g} {res}s" for res, amount in need.items())
+    what = (f"{workers} worker(s) (ray.num_workers, ray.cpus_per_worker"
+            f"{', ray.use_gpu' if cfg.ray.use_gpu else ''}) need {asked}")
+    limit = 0.0 if _embedded(cfg) else cfg.ray.wait_for_resources_s
+    if limit > 0:
+        print(f"waiting up to {limit:g} s (ray.wait_for_resources_s) for the cluster to hold "
+              f"{what}", flush=True)
+        deadline = time.monotonic() + limit
+        while missing and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            missing = short()
+        if not missing:
+            return
+    has = " and ".join(f"{amount:g} {res}s" for res, amount in missing.items())
+    raise UserError(f"{what}; the cluster has {has}"
+                    + (f" after {limit:g} s" if limit > 0 else ""))
 
 
 def release_ray() -> None:
@@ -71,12 +110,17 @@ def release_ray() -> None:
 
 
 def scaling_config(cfg: Config, num_workers: int | None = None):
-    """The `ScalingConfig` of a run's workers: `ray.num_workers` (or `num_workers`), GPUs or not,
-    `ray.cpus_per_worker` CPUs each."""
+    """The `ScalingConfig` of a run's workers: `ray.num_workers` (or `num_workers`; a
+    `[min, max]` range makes the group elastic), GPUs or not, `ray.cpus_per_worker` CPUs each,
+    placed by `ray.placement_strategy`."""
     from ray.train import ScalingConfig  # deferred: see init_ray
 
-    return ScalingConfig(num_workers=num_workers or cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
+    low, high = worker_range(cfg.ray)
+    workers = num_workers or (high if low == high else (low, high))
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
+                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                         placement_strategy=cfg.ray.placement_strategy,
+                         elastic_resize_monitor_interval_s=cfg.ray.resize_check_s)
 
 
 def train_logging_config(cfg: Config):

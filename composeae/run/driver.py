@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from composeae import storage
 from composeae.checkpoint import load_checkpoint
-from composeae.config import Config, config_to_dict, dump_config
+from composeae.config import Config, config_to_dict, dump_config, worker_range
 from composeae.data.schema import MANIFEST
 from composeae.data.shardset import has_split, load_corpus
 from composeae.data.synth import generate
@@ -39,7 +39,7 @@ from composeae.report.run_page import write_report
 from composeae.run import layout
 from composeae.run.build import build_tokenizer
 from composeae.run.cluster import (absolute_paths, check_local_paths_on_nodes, init_ray,
-                                   scaling_config, train_logging_config)
+                                   scaling_config, train_logging_config, wait_for_resources)
 from composeae.run.layout import run_url
 from composeae.run.nodefiles import check_node_files
 from composeae.run.worker import train_loop_per_worker
@@ -165,6 +165,7 @@ def run_training(cfg: Config | PreparedRun) -> RunSummary:
     """Prepare (unless given a prepared run), start or join Ray, train, and finish the run."""
     prepared = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg)
     init_ray(prepared.cfg)
+    wait_for_resources(prepared.cfg)
     check_node_files(prepared.cfg)
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url}
                                | ({"train.init_from": prepared.cfg.train.init_from}
@@ -185,8 +186,10 @@ def fault_plan() -> dict | None:
 def describe(cfg: Config) -> str:
     """The line the command line prints when a run starts."""
     kind = "GPU" if cfg.ray.use_gpu else "CPU"
-    return (f"training {cfg.model.name} on {cfg.data.url} with {cfg.ray.num_workers} {kind} "
-            f"worker(s); run {run_url(cfg)}")
+    low, high = worker_range(cfg.ray)
+    workers = f"{high}" if low == high else f"{low} to {high} (elastic)"
+    return (f"training {cfg.model.name} on {cfg.data.url} with {workers} {kind} worker(s); "
+            f"run {run_url(cfg)}")
 
 
 def ensure_dataset(cfg: Config) -> Config:

@@ -5,9 +5,12 @@
 checkpoint (every rank calls `ray.train.report` equally often: it is a barrier). The final report
 carries the test-split recall of the best-by-validation weights, in a checkpoint named `final`
 that also holds what they retrieve for a few fixed test queries (`layout.RETRIEVALS_FILE`).
-Resuming restores model, optimizer, schedule, step, samples seen and history, and skips the
-batches of the interrupted epoch that were already trained on, so a restarted run follows the
-same plan as an uninterrupted one. A run restored from its `final` checkpoint is finished: it
+Resuming restores model, optimizer, schedule, step, samples seen, history and every rank's
+random state, and skips the batches of the interrupted epoch that were already trained on (the
+data order is a function of seed, epoch and rank), so a run resumed with the same number of
+workers ends with exactly the weights and metrics of the same run never interrupted. With
+another number of workers the random state is seeded from the step instead: the same plan, not
+the same draws. A run restored from its `final` checkpoint is finished: it
 reports nothing more, so resubmitting it any number of times leaves its checkpoints as they are.
 """
 
@@ -27,10 +30,11 @@ from typing import Any
 import torch
 
 from composeae.checkpoint import MODEL_FILE, checkpoint_state, load_checkpoint, save_checkpoint
-from composeae.config import Config, config_from_dict
+from composeae.config import Config, config_from_dict, global_batch
 from composeae.data.shardset import has_split
 from composeae.data.stream import TrainStream
-from composeae.distributed import autocast_context, sync_buffers, unwrap
+from composeae.distributed import (autocast_context, gather_objects, rng_state,
+                                   set_rng_state, sync_buffers, unwrap)
 from composeae.evaluate import evaluate, evaluate_with_retrievals
 from composeae.models.text import tokenizer_from_state
 from composeae.optim import build_optimizer, build_scheduler
@@ -54,6 +58,15 @@ class TrainState:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     """The final report's metrics, so a resubmitted finished run can hand them on again."""
     history: list[dict[str, float]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per start of the worker group: {"step", "workers", "nodes"}; an elastic run's
+    resizes are the entries whose worker count differs from the one before."""
+
+
+def resizes(attempts: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """[{"step", "from", "to"}] for every change of the worker count between attempts."""
+    return [{"step": b["step"], "from": a["workers"], "to": b["workers"]}
+            for a, b in zip(attempts, attempts[1:]) if a["workers"] != b["workers"]]
 
 
 def _say(message: str) -> None:
@@ -83,12 +96,13 @@ def _maybe_inject_fault(fault: dict | None, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _restore(model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
+def _restore(model, optimizer, scheduler) -> tuple[TrainState, dict | None, list | None]:
+    """Progress, best weights and every rank's random state from the latest checkpoint."""
     import ray.train  # deferred: the worker module is imported by drivers that start no worker
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainState(), None
+        return TrainState(), None, None
     with checkpoint.as_directory() as path:
         state = torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True)
     unwrap(model).load_state_dict(state["model"])
@@ -98,7 +112,7 @@ def _restore(model, optimizer, scheduler) -> tuple[TrainState, dict | None]:
     train_state.resumes += 1
     # A checkpoint written at the best step holds the best weights only once, as "model".
     best = state.get("best_model") or (state["model"] if train_state.best_step >= 0 else None)
-    return train_state, best
+    return train_state, best, state.get("rng")
 
 
 def _warm_start(model, url: str, rank: int) -> None:
@@ -235,7 +249,8 @@ class _Worker:
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.state, self.best_model = _restore(self.model, self.optimizer, self.scheduler)
+        self.state, self.best_model, self.rng = _restore(self.model, self.optimizer,
+                                                         self.scheduler)
         if cfg.train.init_from and not self.state.resumes:
             _warm_start(self.model, cfg.train.init_from, self.rank)
         self.has_val = has_split(cfg.data, cfg.eval.val_split)
@@ -254,13 +269,16 @@ class _Worker:
         if self.state.final_metrics:
             ray.train.report(self.state.final_metrics)
 
-    def snapshot(self, model_state: dict, best: dict | None) -> dict | None:
+    def snapshot(self, model_state: dict, best: dict | None,
+                 rng: list | None = None) -> dict | None:
         """The checkpoint dict on rank 0 (None elsewhere): weights, optimizer, schedule,
-        progress (and the best weights when given)."""
+        progress (and the best weights, and every rank's random state, when given)."""
         if self.rank != 0:
             return None
         extra = {"optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "train_state": asdict(self.state)}
+        if rng is not None:
+            extra["rng"] = rng
         if best is not None:
             extra["best_model"] = best
         return checkpoint_state(self.model, self.cfg, **extra) | {"model": model_state}
@@ -270,11 +288,17 @@ class _Worker:
         cfg, state = self.cfg, self.state
         if state.step:
             _say(f"rank {self.rank}: resumed at step {state.step}")
-        torch.manual_seed(cfg.train.seed + 1000 * self.rank + state.step)  # dropout per rank
-        stream = TrainStream(cfg.data, cfg.train.batch_size, rank=self.rank,
+        self.record_attempt()
+        # The global batch is the config's at every world size (an elastic group splits it
+        # over the workers it has), so the schedule and the epochs are the same steps.
+        stream = TrainStream(cfg.data, global_batch(cfg) // self.world_size, rank=self.rank,
                              world_size=self.world_size, seed=cfg.train.seed)
         self.progress = _Progress(cfg, self.rank, self.world_size, self.tensorboard_url,
                                   state.step)
+        if self.rng is not None and len(self.rng) == self.world_size:
+            set_rng_state(self.rng[self.rank])  # where the interrupted run was: the same draws
+        else:
+            torch.manual_seed(cfg.train.seed + 1000 * self.rank + state.step)  # differs per rank
         self.model.train()
         while state.step < cfg.train.steps:
             epoch, done = divmod(state.step, stream.steps_per_epoch)
@@ -290,6 +314,21 @@ class _Worker:
                     self.evaluate_and_report(epoch)
                 if state.step >= cfg.train.steps:
                     break
+
+    def record_attempt(self) -> None:
+        """Note this start of the worker group (step, workers, their nodes); say a resize."""
+        import ray.util  # deferred: see _restore
+
+        state = self.state
+        nodes = sorted(set(gather_objects(ray.util.get_node_ip_address())))
+        state.attempts.append({"step": state.step, "workers": self.world_size, "nodes": nodes})
+        if self.rank != 0:
+            return
+        changed = resizes(state.attempts[-2:])
+        if changed:
+            _say(f"resized at step {state.step}: {changed[0]['from']} -> {changed[0]['to']} "
+                 f"workers")
+        _say(f"{self.world_size} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
 
     def evaluate_and_report(self, epoch: int) -> None:
         """Score the validation split, keep the best weights, report a checkpoint."""
@@ -315,9 +354,10 @@ class _Worker:
         if self.rank == 0 and self.has_val:
             _say(format_table(val, f"validation at step {state.step} (%)"))
         # The checkpoint holds the current weights and, when they are not the best, the best
-        # ones too; restarts resume from here.
+        # ones too, and every rank's random state; restarts resume from here.
         best = self.best_model if state.best_step != state.step else None
-        _report(metrics, self.snapshot(unwrap(model).state_dict(), best), self.rank,
+        rng = gather_objects(rng_state())
+        _report(metrics, self.snapshot(unwrap(model).state_dict(), best, rng), self.rank,
                 layout.checkpoint_dir_name(state.step))
 
     def final_report(self) -> None:
@@ -331,6 +371,8 @@ class _Worker:
             world_size=self.world_size, device=self.device, precision=cfg.train.precision)
         final = {"step": state.step, "samples_seen": state.samples_seen,
                  "best_step": state.best_step, "resumes": state.resumes,
+                 "workers": self.world_size, "resizes": resizes(state.attempts),
+                 "nodes": state.attempts[-1]["nodes"] if state.attempts else [],
                  "score": state.best_score, layout.FINAL_FLAG: True}
         final |= {f"test/{k}": v for k, v in test.items()}
         # The validation recall of these weights too, so a scheduler or searcher watching

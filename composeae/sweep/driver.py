@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from composeae import storage
-from composeae.config import Config, replace
+from composeae.config import Config, replace, worker_range
 from composeae.report.tblog import write_hparams
 from composeae.run import layout
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
@@ -127,7 +127,8 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
         test = {k: float(v) for k, v in best.metrics.items() if k.startswith("test/")}
     else:
         test = evaluate_checkpoint(checkpoint, prepared.cfg.data.url,
-                                   split=cfg.eval.test_split, num_workers=cfg.ray.num_workers)
+                                   split=cfg.eval.test_split,
+                                   num_workers=worker_range(cfg.ray)[0])
         test = {f"test/{k.split('/', 1)[1]}": v for k, v in test.items()}
     val = {k: float(row[k]) for k in row.index
            if k.startswith("val/") and is_finite_number(row[k])}

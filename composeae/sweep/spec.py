@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from composeae import storage
-from composeae.config import Config, load_config
+from composeae.config import Config, load_config, worker_range
 from composeae.errors import UserError
 from composeae.storage import absolute_url
 from composeae.sweep.page.state import SweepSpec
@@ -149,9 +149,10 @@ class Sweep(TuneObjects):
         `trial_cpus` plus its Train workers' CPUs (and GPUs), capped by `max_concurrent_trials`
         and the number of trials; at least 1."""
         ray_cfg = self.base_config().ray
-        need = {"CPU": self.trial_cpus + ray_cfg.num_workers * ray_cfg.cpus_per_worker}
+        workers = worker_range(ray_cfg)[1]
+        need = {"CPU": self.trial_cpus + workers * ray_cfg.cpus_per_worker}
         if ray_cfg.use_gpu:
-            need["GPU"] = float(ray_cfg.num_workers)
+            need["GPU"] = float(workers)
         fits = min(int(cluster.get(res, 0.0) / amount + 1e-9) for res, amount in need.items())
         caps = [self.num_trials] + ([self.max_concurrent_trials]
                                     if self.max_concurrent_trials else [])
