@@ -7,6 +7,7 @@ import csv
 import io
 import os
 import pickle
+import time
 import re
 from types import SimpleNamespace
 
@@ -166,6 +167,7 @@ def test_callback_wiring_throttles_and_survives_pickling(tmp_path):
     b = _trial("b", PENDING, {"model.name": "tirg", "optim.lr": 0.001})
     trials = [a, b]
     cb.on_step_begin(iteration=0, trials=trials)
+    cb.flush()  # the page is drawn on a thread of its own
     assert cb.writes == 1 and {"summary.csv", "summary.md", "summary.html"} <= set(
         os.listdir(tmp_path))
     a.status = b.status = RUNNING
@@ -175,10 +177,12 @@ def test_callback_wiring_throttles_and_survives_pickling(tmp_path):
             cb.on_trial_result(iteration=1, trials=trials, trial=t, result=result)
             t.last_result = result
         cb.on_step_end(iteration=1, trials=trials)
+    cb.flush()
     assert cb.writes == 1  # throttled while results stream in
     cb.on_trial_complete(iteration=2, trials=trials, trial=b)  # Tune still says RUNNING here
     b.status = TERMINATED  # what Tune does right after the hook
     cb.on_step_end(iteration=2, trials=trials)  # a trial ended: written at its step's end
+    cb.flush()
     assert cb.writes == 2
     rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO(_read(tmp_path, "summary.csv")))}
     assert rows["b"]["status"] == TERMINATED and rows["b"]["stopped_early"] == "True"
@@ -191,6 +195,7 @@ def test_callback_wiring_throttles_and_survives_pickling(tmp_path):
     a.status = ERROR
     cb.on_trial_error(iteration=3, trials=trials, trial=a)
     cb.on_step_end(iteration=3, trials=trials)
+    cb.flush()
     assert cb.writes == 3
     cb.on_experiment_end(trials=trials)
     assert cb.writes == 4
@@ -219,6 +224,7 @@ def test_callback_rebuilds_after_restore(tmp_path):
             cb.set_state(state)
         cb.setup()
         cb.on_step_begin(iteration=0, trials=[done, cut, waiting])
+        cb.flush()
         rows = {r["trial_id"]: r
                 for r in csv.DictReader(io.StringIO(_read(tmp_path, "summary.csv")))}
         assert set(rows) == {"done", "cut", "waiting"}
@@ -227,6 +233,28 @@ def test_callback_rebuilds_after_restore(tmp_path):
         assert rows["done"]["evaluations"] == ("2" if state is not None else "1")
         assert rows["cut"]["stopped_early"] == "True"
         assert rows["waiting"]["status"] == PENDING
+
+
+def test_drawing_leaves_the_hooks_at_once_and_the_end_waits_for_it(tmp_path, monkeypatch):
+    """A slow page (a big sweep, a slow bucket) costs Tune's loop nothing while results stream
+    in; the sweep's end returns only once the page shows the final state."""
+    import composeae.sweep.page.callback as callback
+
+    slow = callback.render_html
+    monkeypatch.setattr(callback, "render_html",
+                        lambda *a, **k: (time.sleep(1.0), slow(*a, **k))[1])
+    cb = SweepPageCallback(str(tmp_path), SweepSpec(PARAMS), min_interval_s=0)
+    trial = _trial("a", RUNNING, {"model.name": "composeae", "optim.lr": 0.01})
+    started = time.monotonic()
+    cb.on_step_begin(iteration=0, trials=[trial])
+    assert time.monotonic() - started < 0.5 and cb.writes == 0  # still drawing
+    trial.status = TERMINATED
+    cb.on_trial_complete(iteration=1, trials=[trial], trial=trial)
+    cb.on_experiment_end(trials=[trial])
+    assert cb.writes >= 2  # the first page and the final one; none is left half-drawn
+    assert "http-equiv" not in _read(tmp_path, "summary.html")  # the final page stops refreshing
+    rows = list(csv.DictReader(io.StringIO(_read(tmp_path, "summary.csv"))))
+    assert [r["status"] for r in rows] == [TERMINATED]
 
 
 def test_write_failure_does_not_raise(tmp_path, caplog):

@@ -110,6 +110,30 @@ def test_hparams_of_every_trial_are_in_event_files(swept, tmp_path):
         assert "val/R_1" in events.Tags()["scalars"]
 
 
+def test_the_sweep_folder_shows_each_trial_once_in_hparams(swept, tmp_path):
+    """`tensorboard --logdir <sweep>` reads every event file below the sweep: one HParams
+    session per trial (the project's), none from Tune's own TensorBoard logger."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, summary = swept
+    events = [storage.join(summary.url, name) for name in storage.list_files(summary.url)
+              if "tfevents" in name.rsplit("/", 1)[-1]]
+    assert events and not any("/_trial_" in u or "ray/tune" in u for u in events)
+    sessions = 0
+    for i, url in enumerate(events):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / url.rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(url))
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        try:
+            content = accumulator.PluginTagToContent("hparams")
+        except KeyError:  # an event file of curves only
+            continue
+        sessions += "_hparams_/session_start_info" in content
+    assert sessions == 4
+
+
 def test_search_space_errors_are_one_line_before_ray_starts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "composeae.cli", "tune", "--config", str(TINY_SWEEP),

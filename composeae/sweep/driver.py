@@ -23,6 +23,8 @@ unfinished ones resume.
 
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +103,19 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
         tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
     else:
         page = SweepPageCallback(url, sweep.page_spec())
+        # Tune's own records stay (CSV, JSON), but not its TensorBoard logger: the trials' Train
+        # runs and `hparams/` already write each trial's curves and HParams entry, and Tune's
+        # would show every trial a second time under another name.
+        loggers = [tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()]
         tuner = tune.Tuner(
             trainable, param_space=sweep.param_space(),
             tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
             # verbose=1: Tune's status table and trial ends, not every intermediate result.
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=1,
-                                      callbacks=[page], failure_config=sweep.failure_config()))
+                                      callbacks=[page, *loggers],
+                                      failure_config=sweep.failure_config()))
+    # Read by Tune when it adds its default loggers at `fit` (also of a restored sweep).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     grid = tuner.fit()
     return _summarise(sweep, prepared, grid)
 
