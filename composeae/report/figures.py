@@ -51,12 +51,20 @@ def empty_panel(ax, text: str) -> None:
 
 
 def line_chart_png(series: dict[str, tuple[list, list[float]]], title: str, ylabel: str,
-                   xlabel: str = "step") -> str:
-    """A line chart, one line per {name: (xs, ys)}, as base64 PNG text."""
+                   xlabel: str = "step", log_y: bool = False,
+                   marks: dict[float, str] | None = None) -> str:
+    """A line chart, one line per {name: (xs, ys)}, as base64 PNG text; `log_y` for values
+    that differ by orders of magnitude, `marks` {x: label} as dashed vertical lines."""
     fig = new_figure(6.4, 3.6)
     ax = fig.add_subplot()
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) < 40 else None)
+    if log_y:
+        ax.set_yscale("log")
+    for x, label in (marks or {}).items():
+        ax.axvline(x, color="#888", linestyle="--", linewidth=1)
+        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", fontsize=7, color="#555")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     if any(isinstance(x, str) for xs, _ in series.values() for x in xs):

@@ -33,6 +33,13 @@ def _series(history: list[dict[str, float]], prefix: str) -> dict[str, tuple[lis
     return out
 
 
+def _spans_decades(series: dict[str, tuple[list, list[float]]]) -> bool:
+    """Whether positive values span more than two orders of magnitude (loss terms often do:
+    a base loss near 1 beside a symmetry term near 0.01): then a log axis shows them all."""
+    values = [y for _, ys in series.values() for y in ys]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 100
+
+
 def _recall_rows(metrics: dict[str, Any]) -> str:
     return "".join(f"<tr><td>{html.escape(k)}</td><td>{100 * v:.2f}</td></tr>"
                    for k, v in metrics.items() if is_recall_key(k))
@@ -49,9 +56,14 @@ def render_report(cfg: Config, history: list[dict[str, float]], metrics: dict[st
     rows = _recall_rows(metrics)
     section = render_section(retrievals, cfg.data.url,
                              "What the best weights retrieve") if retrievals else ""
-    pictures = [img(line_chart_png(losses, "training loss", "loss"), "training loss")]
+    # Where the worker group restarted from a checkpoint (a failure, a resize, a resubmission).
+    marks = {step: "resumed" for step in metrics.get("restarts", [])}
+    pictures = [img(line_chart_png(losses, "training loss", "loss", log_y=_spans_decades(losses),
+                                   marks=marks), "training loss")]
     if recalls:
-        pictures.append(img(line_chart_png(recalls, "validation recall", "recall"),
+        recalls = {k: (xs, [100 * y for y in ys]) for k, (xs, ys) in recalls.items()}
+        pictures.append(img(line_chart_png(recalls, "validation recall", "recall (%)",
+                                           marks=marks),
                             "validation recall"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>composeae run {html.escape(cfg.train.name)}</title>

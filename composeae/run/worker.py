@@ -372,6 +372,7 @@ class _Worker:
         final = {"step": state.step, "samples_seen": state.samples_seen,
                  "best_step": state.best_step, "resumes": state.resumes,
                  "workers": self.world_size, "resizes": resizes(state.attempts),
+                 "restarts": [a["step"] for a in state.attempts[1:]],
                  "nodes": state.attempts[-1]["nodes"] if state.attempts else [],
                  "score": state.best_score, layout.FINAL_FLAG: True}
         final |= {f"test/{k}": v for k, v in test.items()}
