@@ -111,6 +111,7 @@ def _cmd_nightly(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from composeae import registry_commands
     from composeae.data import commands as shard_commands
+    from composeae.serve import commands as serve_commands
 
     parser = argparse.ArgumentParser(
         prog="composeae", description="Composed image retrieval (ComposeAE and baselines) on Ray.")
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_nightly)
 
     registry_commands.register(sub)
+    serve_commands.register(sub)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: recall@K table")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory (path or s3://)")
