@@ -67,8 +67,9 @@ def test_index_on_s3_is_built_once_and_resumes_an_interrupted_build(ray_local, c
     assert first.built and m["count"] == _gallery_count(css_tiny) == 240
     assert (m["dim"], m["dtype"], m["data"]["split"]) == (32, "float16", "test")
     assert m["model"]["checkpoint"].endswith("model.pt") and len(m["data"]["fingerprint"]) == 64
-    index = load_index(out)
+    index = load_index(out, memory_dtype="float16")
     assert index.embeddings.dtype == torch.float16 and len(set(index.ids)) == 240
+    assert torch.equal(load_index(out).embeddings, index.embeddings.float())
     norms = index.embeddings.float().norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=2e-3)
     # The pointer reads back the very image bytes of the shard.
@@ -88,7 +89,7 @@ def test_index_on_s3_is_built_once_and_resumes_an_interrupted_build(ray_local, c
     storage.remove(storage.join(out, BLOCKS, names[0]))  # the first block's .json
     resumed = build_index(model, css_tiny, out, workers=2)
     assert resumed.built and resumed.resumed == len(m["blocks"]) - 1
-    assert torch.equal(load_index(out).embeddings, index.embeddings)
+    assert torch.equal(load_index(out, memory_dtype="float16").embeddings, index.embeddings)
     assert storage.listdir(storage.join(out, BLOCKS)) == names
 
 
@@ -133,13 +134,19 @@ def test_blockwise_top_k_equals_a_full_sort():
     gallery[500] = gallery[10]  # a tie across blocks: the lower row comes first
     queries = torch.nn.functional.normalize(torch.randn(5, 16), dim=1)
     queries[0] = gallery[10]
-    scores, rows = top_k(queries, gallery, 7, block_rows=64, exclude=[None, 3, None, None, 999])
     full = queries @ gallery.T
     full[1, 3] = full[4, 999] = float("-inf")
     expected = torch.sort(full, dim=1, descending=True, stable=True)
-    assert torch.equal(rows, expected.indices[:, :7])
-    assert torch.allclose(scores, expected.values[:, :7])
-    assert rows[0, :2].tolist() == [10, 500]
+    for block in (64, None):
+        scores, rows = top_k(queries, gallery, 7, block_rows=block,
+                             exclude=[None, 3, None, None, 999])
+        assert torch.equal(rows, expected.indices[:, :7])
+        assert torch.allclose(scores, expected.values[:, :7])
+        assert rows[0, :2].tolist() == [10, 500]
+    # Float16 rows, upcast per block, rank exactly as the same values in float32.
+    half = gallery.half()
+    assert torch.equal(top_k(queries, half, 7, block_rows=64)[1],
+                       top_k(queries, half.float(), 7)[1])
 
 
 def test_search_command_prints_the_top_k_and_writes_the_page(local_index, tmp_path, capsys):

@@ -59,6 +59,10 @@ INDEXES = "indexes"
 """Where a registry keeps its versions' indexes: `<registry>/indexes/<version>/`."""
 
 
+class UnknownImage(UserError):
+    """A gallery id that the index does not hold (HTTP 404 in the service)."""
+
+
 # -- what an index is built from ------------------------------------------------------------------
 
 def registry_index_url(registry_url: str, version: int) -> str:
@@ -338,6 +342,17 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
     return Built(out_url, manifest, built=True, resumed=len(shards) - len(todo))
 
 
+def build_version_index(registry_url: str, version: int, data_url: str, split: str) -> Built:
+    """The gallery index of registry version `version` at `registry_index_url`: built, resumed
+    after an interruption, or found built (a re-run night)."""
+    model = resolve_model(None, registry_url, str(version))
+    out = registry_index_url(registry_url, version)
+    done = build_index(model, data_url, out, split=split)
+    log.info("index of version %s: %s (%s)", version, out,
+             f"{done.manifest['count']} images" if done.built else "already built")
+    return done
+
+
 def _remove_other_builds(out_url: str, build: str) -> None:
     """Blocks of earlier builds, unreachable once the new manifest is in place."""
     for name in storage.listdir(storage.join(out_url, BLOCKS)):
@@ -353,7 +368,8 @@ class GalleryIndex:
     url: str
     manifest: dict[str, Any]
     embeddings: torch.Tensor
-    """(N, D), the manifest's dtype, unit rows."""
+    """(N, D) unit rows: the stored values (the manifest's dtype) held as `load_index`'s
+    `memory_dtype`."""
     ids: list[str]
     labels: list[str]
     shard_of: np.ndarray
@@ -373,7 +389,7 @@ class GalleryIndex:
 
     def row(self, image_id: str) -> int:
         if image_id not in self.row_of:
-            raise UserError(f"no gallery image {image_id!r} in the index at {self.url}")
+            raise UnknownImage(f"no gallery image {image_id!r} in the index at {self.url}")
         return self.row_of[image_id]
 
     def image(self, row: int) -> tuple[bytes, str]:
@@ -383,8 +399,16 @@ class GalleryIndex:
         return data, "image/png" if self.exts[row] == "png" else "image/jpeg"
 
 
-def load_index(url: str) -> GalleryIndex:
-    """Read the index at `url` whole; `UserError` when there is none."""
+def load_index(url: str, memory_dtype: str = "float32") -> GalleryIndex:
+    """Read the index at `url` whole; `UserError` when there is none.
+
+    The rows are held as `memory_dtype`: float32 by default, upcast once here. On CPU a
+    half-precision matmul is slow and upcasting a block per query costs as much as its matmul
+    (much more when the cores are shared: the parallel copy waits on descheduled threads), so
+    float32 rows search at the matmul floor; 1,000,000 x 512 of them are 2 GB. float16 halves
+    that for galleries beyond the memory budget, and `search.top_k` upcasts block by block."""
+    if memory_dtype not in DTYPES:
+        raise ValueError(f"memory_dtype must be one of {DTYPES}, got {memory_dtype!r}")
     from composeae.driver import absolute_url
 
     url = absolute_url(url)
@@ -393,7 +417,7 @@ def load_index(url: str) -> GalleryIndex:
         raise UserError(f"no index at {url} ({MANIFEST} not found; `composeae index` builds one)")
     count, dim = int(manifest["count"]), int(manifest["dim"])
     # One preallocated array: concatenating the blocks would hold the gallery twice at its peak.
-    embeddings = np.empty((count, dim), dtype=manifest["dtype"])
+    embeddings = np.empty((count, dim), dtype=memory_dtype)
     ids, labels, exts, shard_urls = [], [], [], []
     shard_of = np.empty(count, np.int32)
     offsets = np.empty(count, np.int64)

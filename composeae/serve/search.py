@@ -4,10 +4,11 @@ What belongs here: loading the model an index was built with, embedding one quer
 evaluation embeds its queries (`SampleDecoder.pixels`, `normalise`, `evaluate._embed`), the
 exact top-k by inner product, and the HTML page of one result. Nothing here knows about HTTP.
 
-`top_k` is exact and memory-bounded: the gallery is scored block by block (`BLOCK_ROWS` rows,
-upcast to float32 one block at a time: CPU half-precision matmuls are slow), each block's
-top-k is merged into the running top-k, so the extra memory is one block and a (Q, k) pair of
-tensors whatever the gallery size. Ties are broken towards the lower row.
+`top_k` is exact and memory-bounded: the gallery is scored block by block (`BLOCK_ROWS` rows),
+each block's top-k is merged into the running top-k, so the extra memory is one block of scores
+and a (Q, k) pair of tensors whatever the gallery size. Float16 rows are upcast block by block
+into one reused buffer (CPU half-precision matmuls are slow); `load_index` holds rows as
+float32 by default, which needs no upcast. Ties are broken towards the lower row.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,24 +26,29 @@ import torch
 from composeae.errors import UserError
 from composeae.serve.index import GalleryIndex, checkpoint_file, normalise_rows
 
-BLOCK_ROWS = 32768
-"""Gallery rows scored at once: 32768 x 512 float32 is 64 MB of scores source per block."""
+BLOCK_ROWS = {torch.float32: 65536, torch.float16: 8192}
+"""Gallery rows scored at once. Float32: (Q, 65536) scores per block, few merges. Float16:
+8192 x 512 rows upcast into a 16 MB buffer, mostly cache-resident until the matmul reads it."""
 MAX_K = 1000
 MAX_TEXT = 500
 """Characters of modifier text accepted."""
+MAX_PIXELS = 4096 * 4096
+"""Largest reference image accepted (width x height), checked before it is decoded."""
 
 
 def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, *,
           exclude: list[int | None] | None = None,
-          block_rows: int = BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+          block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (Q, k) float32, rows (Q, k) int64) of the `k` largest inner products of each query
     (Q, D) with the gallery (N, D), best first. `exclude[q]`: a gallery row query q may not
     return (its own reference image)."""
     queries = queries.float()
+    block_rows = block_rows or BLOCK_ROWS.get(gallery.dtype, 8192)
     num, k = gallery.shape[0], min(k, gallery.shape[0])
     best_scores = torch.full((queries.shape[0], 0), float("-inf"))
     best_rows = torch.zeros((queries.shape[0], 0), dtype=torch.long)
-    block = torch.empty((min(block_rows, num), gallery.shape[1]), dtype=torch.float32)
+    block = (_block_buffer(min(block_rows, num), gallery.shape[1])
+             if gallery.dtype != torch.float32 else None)
     for begin in range(0, num, block_rows):
         part = gallery[begin:begin + block_rows]
         if part.dtype != torch.float32:
@@ -56,6 +63,18 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, *,
         best_scores, order = torch.topk(torch.cat([best_scores, s], dim=1), k, dim=1)
         best_rows = torch.cat([best_rows, r + begin], dim=1).gather(1, order)
     return best_scores, best_rows
+
+
+_buffers = threading.local()
+
+
+def _block_buffer(rows: int, dim: int) -> torch.Tensor:
+    """This thread's float32 upcast buffer: allocating (and first-touching) 16 MB per query
+    costs more than a single query's matmul."""
+    buffer = getattr(_buffers, "block", None)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != dim:
+        buffer = _buffers.block = torch.empty((rows, dim), dtype=torch.float32)
+    return buffer
 
 
 @dataclass
@@ -87,6 +106,9 @@ class Searcher:
 
         try:
             picture = Image.open(io.BytesIO(image))
+            if picture.width * picture.height > MAX_PIXELS:
+                raise UserError(f"the reference image is {picture.width} x {picture.height} "
+                                f"pixels, more than the {MAX_PIXELS} accepted")
             picture.load()
             picture = picture.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
