@@ -166,10 +166,10 @@ def test_search_command_prints_the_top_k_and_writes_the_page(local_index, tmp_pa
     image = tmp_path / "ref.png"
     image.write_bytes(index.image(3)[0])
     assert main(["search", "--index", local_index, "--image", str(image), "--text",
-                 "make the red circle blue", "--k", "4"]) == 0
-    by_image = [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:5]]
-    # The reference itself (its best match) leads when it is not left out as a gallery id.
-    assert by_image[0] == index.ids[3] or index.ids[3] not in by_image
+                 "make the red circle blue", "--k", "5"]) == 0
+    by_image = [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:6]]
+    # The same picture as a file: the same ranking, the reference no longer left out.
+    assert [i for i in by_image if i != index.ids[3]][:4] == [r[2] for r in ranked]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -42,6 +42,21 @@ def register(subparsers) -> None:
                    help="also write a page with the images (path or s3://)")
     p.set_defaults(func=run_search)
 
+    p = subparsers.add_parser("serve", help="serve a registry alias's model and index over HTTP "
+                                            "(Ray Serve); follows the alias")
+    p.add_argument("--registry", required=True, help="model registry (path or s3://)")
+    p.add_argument("--alias", default="champion", help="the alias to serve (default champion)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
+                   help="how often each replica checks the alias (default 10)")
+    p.add_argument("--replicas", default="1", help="replicas, or `auto` for Ray Serve's "
+                                                   "autoscaling (default 1)")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    p.add_argument("--detach", action="store_true",
+                   help="return once deployed (on a cluster joined through RAY_ADDRESS)")
+    p.set_defaults(func=run_serve)
+
 
 def run_index(args: argparse.Namespace) -> None:
     from composeae.serve.index import build_index, registry_index_url, resolve_model
@@ -107,3 +122,47 @@ def run_search(args: argparse.Namespace) -> None:
                      else (image, "image/png" if image.startswith(b"\x89PNG") else "image/jpeg"))
         storage.write_text(args.html, render_page(searcher, result, reference))
         print(f"page: {args.html}")
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import time
+
+    try:
+        import fastapi  # noqa: F401
+        from ray import serve
+    except ImportError:
+        raise UserError("composeae serve needs Ray Serve: pip install -c constraints.txt "
+                        "'.[serve]'") from None
+
+    from composeae.config import Config
+    from composeae.driver import absolute_url, init_ray
+    from composeae.model_registry import ModelRegistry
+    from composeae.serve.app import alias_version, build_app
+    from composeae.serve.index import read_manifest, registry_index_url
+
+    registry = ModelRegistry.open(absolute_url(args.registry))
+    version = alias_version(registry.url, args.alias)
+    index_url = registry_index_url(registry.url, version)
+    if read_manifest(index_url) is None:
+        raise UserError(f"alias {args.alias} (version {version}) has no index at {index_url}; "
+                        f"build it with `composeae index --registry {args.registry} --alias "
+                        f"{args.alias} --data URL`")
+    replicas = args.replicas
+    if replicas != "auto" and not (replicas.isdigit() and int(replicas) > 0):
+        raise UserError(f"--replicas must be a positive number or auto, got {replicas!r}")
+    init_ray(Config())
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(registry.url, args.alias, poll_s=args.poll,
+                        num_replicas=replicas if replicas == "auto" else int(replicas),
+                        num_cpus=args.cpus), name="composeae", route_prefix="/")
+    print(f"serving {args.alias} (version {version}) of {registry.url} at "
+          f"http://{args.host}:{args.port}/ (POST /search, GET /image/ID, GET /status)",
+          flush=True)
+    if args.detach:
+        return
+    print("Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

@@ -315,7 +315,8 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
         ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"name": s["name"], "url": s["url"]} for s in todo]
         rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardEmbedder, batch_size=1, concurrency=(1, pool), num_cpus=1,
+            ShardEmbedder, batch_size=1, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             fn_constructor_kwargs={"checkpoint_url": ckpt_url, "out_url": out_url,
                                    "build": build, "dtype": dtype},
         ).take_all()
