@@ -230,3 +230,43 @@ def test_serve_command_refuses_an_alias_without_an_index(service, css_tiny, tmp_
     assert main(["serve", "--registry", service["url"], "--alias", "candidate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"(version {number}) has no index" in err[0]
+
+
+CHROMIUM = "/usr/bin/chromium"
+"""Debian's chromium (`apt-get install chromium`; `make test` installs it when missing)."""
+
+
+def test_the_page_in_a_headless_browser_shows_k_result_images(service, tmp_path):
+    from pathlib import Path
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no {CHROMIUM} (make test installs it)")
+    base = service["base"]
+    with sync_api.sync_playwright() as playwright:
+        # --no-sandbox: chromium's sandbox refuses to run as root, as CI containers do.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            pick = page.locator("img.pick").nth(3)
+            pick.click()
+            assert page.input_value("#ref") == pick.get_attribute("data-id")
+            page.fill("#text", "make the red circle blue")
+            page.fill("#k", "6")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#results img.result >> nth=5")
+            assert page.locator("#results img.result").count() == 6
+            # Every result image was fetched from GET /image/ID and decoded by the browser.
+            page.wait_for_function("Array.from(document.querySelectorAll('#results img'))"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            assert "answered by version" in page.text_content("#answer")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            page.fill("#text", "")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#answer.error")
+            assert "missing or empty" in page.text_content("#answer")
+            assert page.locator("#results img").count() == 0
+        finally:
+            browser.close()
