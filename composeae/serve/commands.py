@@ -125,6 +125,8 @@ def run_search(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    import signal
+    import sys
     import time
 
     try:
@@ -161,6 +163,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.detach:
         return
     print("Ctrl-C stops it", flush=True)
+    # A container or process manager stops with SIGTERM: shut the application down then too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
             time.sleep(3600)
