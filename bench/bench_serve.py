@@ -13,9 +13,9 @@ CPU) on the local Ray at a free port.
 * swap: --swap-clients clients run while version 2 is promoted; the answers are counted by
   status and by the version that produced them, until version 2 has answered for 3 s.
 
-CSS-synth `full` (86,400 gallery images): `composeae shards synth --out DIR --preset full
---image-size 32 --workers 2`, then `python bench/bench_serve.py --data DIR`. Prints a table,
-then one JSON line.
+Without --data it first builds CSS-synth `full` at 32 px (86,400 gallery images) in the
+temporary directory, as `composeae shards synth --out DIR --preset full --image-size 32
+--workers 2` does (under a minute). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="dataset whose gallery is served")
+    parser.add_argument("--data", default=None,
+                        help="dataset whose gallery is served (default: CSS-synth full, built)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -120,9 +121,15 @@ def main() -> None:
     from composeae.serve.app import build_app
     from composeae.serve.index import build_index, load_index, registry_index_url, resolve_model
 
-    data = str(Path(args.data).resolve())
     ray.init(address="local", num_cpus=os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        if args.data is None:
+            from composeae.data.synth import generate
+
+            data = str(Path(tmp) / "css-synth-full")
+            generate(data, preset="full", image_size=32, workers=os.cpu_count() or 1)
+        else:
+            data = str(Path(args.data).resolve())
         url = str(Path(tmp) / "registry")
         registry = ModelRegistry.create(url)
         build_s = []
