@@ -80,8 +80,8 @@ def write_index(directory: Path, g16: torch.Tensor) -> None:
         np.save(stem.with_suffix(".npy"), rows, allow_pickle=False)
         ids = [f"img{begin + i:07d}" for i in range(len(rows))]
         stem.with_suffix(".json").write_text(json.dumps({
-            "shard": "none.tar", "count": len(rows), "dim": dim, "ids": ids, "groups": [""] * len(rows),
-            "labels": ids, "pointers": [[0, 0, "png"]] * len(rows)}))
+            "shard": "none.tar", "count": len(rows), "dim": dim, "ids": ids,
+            "groups": [""] * len(rows), "labels": ids, "pointers": [[0, 0, "png"]] * len(rows)}))
         blocks.append({"name": name, "shard": "none.tar", "count": len(rows)})
     (directory / index_mod.MANIFEST).write_text(json.dumps({
         "format": index_mod.FORMAT, "build": "bench", "dtype": "float16", "dim": dim, "count": n,

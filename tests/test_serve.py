@@ -3,7 +3,6 @@ resume, search against the evaluation's own ranking, the command line's answers 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
