@@ -270,3 +270,19 @@ def test_the_page_in_a_headless_browser_shows_k_result_images(service, tmp_path)
             assert page.locator("#results img").count() == 0
         finally:
             browser.close()
+
+
+def test_the_clusters_serve_config_passes_ray_serves_schema_and_builds():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from composeae.serve.app import app_builder
+
+    path = Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = config.applications
+    assert app.import_path == "composeae.serve.app:app_builder"
+    assert [d.name for d in app.deployments] == ["SearchService"]
+    assert app_builder(app.args) is not None  # the import path resolves and binds its args
