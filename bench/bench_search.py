@@ -6,6 +6,8 @@ against the bare matmul floor, its peak memory, and recall@10 of float16 against
   matmul, per-block topk, merged) and held as float16 (upcast block by block as well).
 * floor: one float32 `queries @ gallery.T` over the whole gallery plus one `topk`: no
   blocking, no upcast, no merge.
+* FAISS (when `faiss-cpu` is installed): `IndexFlatIP`, FAISS's exact inner-product search, on
+  the same float32 values; the column that says whether the library would serve better.
 * both at a batch of --queries queries and at single queries (what one HTTP request does).
 * peak memory: a fresh child process loads the index folder this run wrote (the real format,
   through `load_index`: embeddings, ids, image pointers) and searches it; its VmHWM from /proc
@@ -161,9 +163,21 @@ def main() -> None:
     def floor(q):
         return torch.topk(q @ held.T, args.k, dim=1)
 
-    timing = {mode: best_of({"ours": lambda: top_k(q, held, args.k),
-                             "ours16": lambda: top_k(q, g16, args.k),
-                             "floor": lambda: floor(q)}, args.reps)
+    contenders = {"ours": lambda q: top_k(q, held, args.k),
+                  "ours16": lambda q: top_k(q, g16, args.k),
+                  "floor": floor}
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        flat = faiss.IndexFlatIP(args.dim)
+        flat.add(held.numpy())  # its own float32 copy
+        contenders["faiss"] = lambda q: flat.search(q.numpy(), args.k)
+        faiss_rows = torch.from_numpy(flat.search(batch.numpy(), args.k)[1])
+        faiss_agrees = bool(torch.equal(faiss_rows, top_k(batch, held, args.k)[1]))
+    timing = {mode: best_of({name: (lambda f=f, q=q: f(q)) for name, f in contenders.items()},
+                            args.reps)
               for mode, q in (("batch", batch), ("single", one))}
     qps = {mode: {name: (len(batch) if mode == "batch" else 1) / t for name, t in v.items()}
            for mode, v in timing.items()}
@@ -172,12 +186,17 @@ def main() -> None:
     print(f"exact top-{args.k} over {n_text} (float16 index: {g16.numel() * 2 / 2**30:.2f} GiB), "
           f"{torch.get_num_threads()} torch threads, best of {args.reps} interleaved rounds; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'queries/s':<22}{'ours, float32 rows':>20}{'ours, float16 rows':>20}"
-          f"{'floor':>10}{'ours/floor':>12}")
+    names = {"ours": "ours, float32 rows", "ours16": "ours, float16 rows", "floor": "floor",
+             "faiss": "FAISS IndexFlatIP"}
+    print(f"{'queries/s':<22}" + "".join(f"{names[n]:>20}" for n in contenders)
+          + f"{'ours/floor':>12}")
     for mode, label in (("batch", f"batch of {len(batch)}"), ("single", "one query")):
         v = qps[mode]
-        print(f"{label:<22}{v['ours']:>20.1f}{v['ours16']:>20.1f}{v['floor']:>10.1f}"
-              f"{v['ours'] / v['floor']:>12.2f}")
+        print(f"{label:<22}" + "".join(f"{v[n]:>20.1f}" for n in contenders)
+              + f"{v['ours'] / v['floor']:>12.2f}")
+    if faiss is not None:
+        print(f"FAISS's top {args.k} {'equals' if faiss_agrees else 'differs from'} ours "
+              f"on the batch")
     print(f"peak memory, load + search of the index folder: {memory['hwm_gb']:.2f} GiB "
           f"(before loading {memory['before_gb']:.2f} GiB; load {memory['load_s']:.1f} s, "
           f"search of {args.queries} queries {memory['search_s']:.2f} s)")
@@ -194,6 +213,8 @@ def main() -> None:
         "qps_single_fp16_rows": round(qps["single"]["ours16"], 2),
         "qps_single_floor": round(qps["single"]["floor"], 2),
         "ratio_to_matmul_floor_single": round(qps["single"]["ours"] / qps["single"]["floor"], 3),
+        "qps_batch_faiss": round(qps["batch"]["faiss"], 2) if faiss is not None else None,
+        "qps_single_faiss": round(qps["single"]["faiss"], 2) if faiss is not None else None,
         "peak_mem_gb": round(memory["hwm_gb"], 3),
         "recall_at_10_fp16": round(recall16, 4), "recall_at_10_fp32": round(recall32, 4),
         "recall_diff": round(recall16 - recall32, 4), "top10_overlap": round(float(overlap), 4),
