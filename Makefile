@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python jobs/train.py --config jobs/configs/demo.yaml
 
+# The page's browser test drives Debian's chromium (Playwright's own browser download is not used).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 test: $(STAMP)
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && $(SUDO) env \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

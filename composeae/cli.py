@@ -17,6 +17,7 @@ from composeae.errors import UserError
 from composeae.nightly import commands as nightly_commands
 from composeae.registry import commands as registry_commands
 from composeae.run import commands as run_commands
+from composeae.serve import commands as serve_commands
 from composeae.sweep import commands as sweep_commands
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_commands.register(sub)
     nightly_commands.register(sub)
     registry_commands.register(sub)
+    serve_commands.register(sub)
     return parser
 
 

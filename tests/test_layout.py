@@ -18,13 +18,15 @@ LAYERS = {
     "composeae.evaluate": 2,
     "composeae.report": 3,
     "composeae.run": 4,
-    "composeae.registry": 5,
+    "composeae.registry": 5, "composeae.serve": 5,
     "composeae.sweep": 6, "composeae.nightly": 6,
     "composeae.cli": 7, "composeae.testing": 7,
 }
-"""foundation -> data, models -> evaluate -> report -> run -> registry -> sweep, nightly -> cli.
+"""foundation -> data, models -> evaluate -> report -> run -> registry, serve -> sweep, nightly -> cli.
 The registry (versions and aliases in storage) stands below nightly, which registers and promotes
-in it; the test helpers stand apart at the top: nothing in the library imports them.
+in it; serving (index, search, the Ray Serve app) reads the registry and sits beside it, below
+nightly, which builds a new champion's index; the test helpers stand apart at the top: nothing in
+the library imports them.
 `composeae/__init__.py` imports nothing."""
 
 HEAVY = {"ray", "torch", "torchvision", "transformers", "tokenizers", "matplotlib",

@@ -13,7 +13,9 @@
    settings changed.
 4. Champion and challenger are scored on the same frozen split in one evaluation job.
 5. The challenger is registered with the decision; it is promoted to `nightly.alias` only when
-   it beats the champion's `nightly.metric` by more than `nightly.margin`.
+   it beats the champion's `nightly.metric` by more than `nightly.margin`, and then only after
+   its gallery index (`composeae.serve.index`) is built, so the service never follows the
+   alias to a model without one.
 6. A report (JSON and HTML) goes to the registry's `reports/<date>.*` and `reports/latest.html`.
 
 The library logs its progress through `logging` (the command line shows it) and returns a
@@ -201,6 +203,10 @@ def _finish(registry: ModelRegistry, cfg: Config, night: str, version: dict[str,
     promoted_before = any(e.get("action") == "promote" and e.get("version") == version["version"]
                           and e.get("alias") == alias for e in registry.history())
     if decision["promote"] and not promoted_before:
+        # The service follows the alias: the new champion's index exists before the alias moves.
+        from composeae.serve.index import build_version_index
+
+        build_version_index(registry.url, version["version"], cfg.data.url, cfg.nightly.split)
         registry.promote(version["version"], alias=alias,
                          reason=f"nightly {night}: {decision['reason']}")
     champion = (registry.version(decision["champion"]) if decision["champion"] is not None
