@@ -43,7 +43,7 @@ K = 5
 
 
 @torch.no_grad()
-def _embed(model, batches, image_key: str, text_key: str | None, meta_keys: tuple[str, ...],
+def embed(model, batches, image_key: str, text_key: str | None, meta_keys: tuple[str, ...],
            device: torch.device, precision: str) -> dict[str, Any]:
     """Embed one rank's batches: {"emb": (N, E) float32 numpy, <meta key>: list[str]}."""
     parts: list[np.ndarray] = []
@@ -93,9 +93,9 @@ def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: Eval
     try:
         batches = functools.partial(eval_batches, data, split, batch_size=eval_cfg.batch_size,
                                     rank=rank, world_size=world_size)
-        local_q = _embed(model, batches(schema.QUERIES), "reference", data.text_mode,
+        local_q = embed(model, batches(schema.QUERIES), "reference", data.text_mode,
                          QUERY_KEYS, device, precision)
-        local_g = _embed(model, batches(schema.GALLERY), "image", None, GALLERY_KEYS, device,
+        local_g = embed(model, batches(schema.GALLERY), "image", None, GALLERY_KEYS, device,
                          precision)
     finally:
         model.train(was_training)

@@ -24,7 +24,7 @@ image with one ranged read (a seek locally, a `Range` GET on S3) instead of scan
 Parallelism: Ray Data's `map_batches` with an actor pool over the list of gallery shards. Each
 actor loads the model once and takes whole shards: it streams the shard, decodes and embeds its
 images with the evaluation's own functions (`SampleDecoder`, `normalise_batch`, and
-`evaluate._embed`, so index and evaluation embed alike), writes the shard's block itself and
+`evaluate.embed`, so index and evaluation embed alike), writes the shard's block itself and
 returns only its count; embeddings never pass through the object store or the driver. The
 evaluation job (a TorchTrainer gang) was the other candidate: it starts and ends all workers
 together and gathers every embedding to every rank, which an index needs neither of, while Ray
@@ -228,7 +228,7 @@ class ShardEmbedder:
 
     def embed_shard(self, name: str, url: str) -> int:
         from composeae.data.decode import SampleDecoder, collate, normalise_batch
-        from composeae.evaluate import _embed
+        from composeae.evaluate import embed
 
         decoder = SampleDecoder(schema.GALLERY, self.cfg.data.image_size, False, StreamErrors())
         pointers: list[list] = []
@@ -249,7 +249,7 @@ class ShardEmbedder:
             if pending:
                 yield normalise_batch(collate(pending))
 
-        out = _embed(self.model, batches(), "image", None, ("image_id", "group", "label"),
+        out = embed(self.model, batches(), "image", None, ("image_id", "group", "label"),
                      self.device, self.cfg.train.precision)
         emb = normalise_rows(out["emb"]).astype(self.dtype)  # (n, D)
         stem = storage.join(self.out_url, BLOCKS, block_name(self.build, name))

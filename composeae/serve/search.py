@@ -1,7 +1,7 @@
 """Search: a composed query (reference image + modifier text) against a gallery index.
 
 What belongs here: loading the model an index was built with, embedding one query the way the
-evaluation embeds its queries (`SampleDecoder.pixels`, `normalise`, `evaluate._embed`), the
+evaluation embeds its queries (`SampleDecoder.pixels`, `normalise`, `evaluate.embed`), the
 exact top-k by inner product, and the HTML page of one result. Nothing here knows about HTTP.
 
 `top_k` is exact and memory-bounded: the gallery is scored block by block (`BLOCK_ROWS` rows),
@@ -103,7 +103,7 @@ class Searcher:
         from PIL import Image, UnidentifiedImageError
 
         from composeae.data.decode import SampleDecoder, normalise
-        from composeae.evaluate import _embed
+        from composeae.evaluate import embed
 
         try:
             picture = Image.open(io.BytesIO(image))
@@ -116,7 +116,7 @@ class Searcher:
             raise UserError(f"the reference image cannot be read ({type(exc).__name__})") from None
         pixels = SampleDecoder("gallery", self.cfg.data.image_size).pixels(picture)
         batch = {"reference": normalise(pixels[None]), "text": [text]}
-        out = _embed(self.model, [batch], "reference", "text", (), self.device,
+        out = embed(self.model, [batch], "reference", "text", (), self.device,
                      self.cfg.train.precision)
         return normalise_rows(out["emb"])[0]
 
