@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import tempfile
 import threading
@@ -33,32 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import requests
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def random_checkpoint(data_url: str, directory: Path, seed: int) -> str:
-    from composeae.checkpoint import checkpoint_state, save_checkpoint
-    from composeae.config import load_config
-    from composeae.data.shardset import load_corpus
-    from composeae.models.text import build_tokenizer
-    from composeae.models import create_model
-
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [f"data.url={data_url}"])
-    tokenizer = build_tokenizer(cfg.model.text_encoder, load_corpus(cfg.data),
-                                bert_path=cfg.model.bert_path,
-                                vocab_size=cfg.model.bert_vocab_size)
-    torch.manual_seed(seed)
-    model = create_model(cfg.model, cfg.loss, tokenizer)
-    save_checkpoint(directory / "model.pt", checkpoint_state(model, cfg))
-    return str(directory)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Clients:
@@ -118,6 +92,8 @@ def main() -> None:
     from ray import serve
 
     from composeae.registry.store import ModelRegistry
+    from composeae.testing.checkpoints import random_checkpoint
+    from composeae.testing.localcluster import free_port
     from composeae.serve.app import build_app
     from composeae.serve.index import build_index, load_index, registry_index_url, resolve_model
 

@@ -10,31 +10,13 @@ import pytest
 import torch
 
 from composeae.cli import main
+from composeae.testing.checkpoints import random_checkpoint
 from composeae import storage
-
-
-def make_checkpoint(data_url: str, directory: Path, seed: int = 0) -> str:
-    """A randomly initialised tiny ComposeAE saved as a checkpoint (its config names the data)."""
-    from composeae.checkpoint import checkpoint_state, save_checkpoint
-    from composeae.config import load_config
-    from composeae.data.shardset import load_corpus
-    from composeae.models.text import build_tokenizer
-    from composeae.models import create_model
-
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(str(root / "jobs/configs/tiny.yaml"), [f"data.url={data_url}"])
-    tokenizer = build_tokenizer(cfg.model.text_encoder, load_corpus(cfg.data),
-                                bert_path=cfg.model.bert_path,
-                                vocab_size=cfg.model.bert_vocab_size)
-    torch.manual_seed(seed)
-    model = create_model(cfg.model, cfg.loss, tokenizer)
-    save_checkpoint(directory / "model.pt", checkpoint_state(model, cfg))
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(css_tiny, tmp_path_factory) -> str:
-    return make_checkpoint(css_tiny, tmp_path_factory.mktemp("ckpt"))
+    return random_checkpoint(css_tiny, tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from composeae.cli import main
-from test_serve import make_checkpoint
+from composeae.testing.checkpoints import random_checkpoint
 
 
 def _free_port() -> int:
@@ -44,7 +44,7 @@ def service(ray_local, s3_server, css_tiny, tmp_path_factory):
     url = f"s3://{bucket}/registry"
     registry = ModelRegistry.create(url)
     for seed in (0, 1):
-        checkpoint = make_checkpoint(css_tiny, tmp_path_factory.mktemp(f"ckpt{seed}"), seed)
+        checkpoint = random_checkpoint(css_tiny, tmp_path_factory.mktemp(f"ckpt{seed}"), seed)
         version = _register(registry, checkpoint, f"run-{seed}")
         build_index(resolve_model(None, url, str(version)), css_tiny,
                     registry_index_url(url, version), workers=2)
@@ -203,7 +203,7 @@ def test_a_promotion_is_swapped_in_under_load_without_a_failed_request(service):
 def test_an_alias_moved_to_a_version_without_an_index_keeps_the_old_one(service, css_tiny,
                                                                         tmp_path):
     base, registry, ids = service["base"], service["registry"], _ids(service)
-    bare = _register(registry, make_checkpoint(css_tiny, tmp_path, seed=2), "run-bare")
+    bare = _register(registry, random_checkpoint(css_tiny, tmp_path, seed=2), "run-bare")
     before = requests.get(base + "/status", timeout=30).json()["version"]
     registry.set_alias("champion", bare, reason="test: no index yet")
     try:
@@ -225,7 +225,7 @@ def test_serve_command_refuses_an_alias_without_an_index(service, css_tiny, tmp_
     registry = service["registry"]
     assert main(["serve", "--registry", service["url"], "--alias", "nope"]) == 2
     assert "has no alias 'nope'" in capsys.readouterr().err
-    number = _register(registry, make_checkpoint(css_tiny, tmp_path, seed=3), "run-cli")
+    number = _register(registry, random_checkpoint(css_tiny, tmp_path, seed=3), "run-cli")
     registry.set_alias("candidate", number)
     assert main(["serve", "--registry", service["url"], "--alias", "candidate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,7 @@ from pathlib import Path
 from composeae.config import load_config
 from composeae.registry.store import ModelRegistry
 from composeae.serve.index import read_manifest, registry_index_url
-from test_serve import make_checkpoint
+from composeae.testing.checkpoints import random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_promoted_nights_build_the_index_first_and_a_rollback_finds_the_old_one(
         index_at_promotion.append(read_manifest(registry_index_url(url, number))),
         promote(number, **kw))[1]
 
-    v1, _ = registry.register(make_checkpoint(css_tiny, tmp_path / "a"), run_name="nightly-a",
+    v1, _ = registry.register(random_checkpoint(css_tiny, tmp_path / "a"), run_name="nightly-a",
                               record=_night_record("2026-12-01", champion=None))
     first = _finish(registry, cfg, "2026-12-01", v1, created=True)
     assert first.status == "promoted" and registry.aliases().aliases == {"champion": 1}
@@ -57,7 +57,7 @@ def test_promoted_nights_build_the_index_first_and_a_rollback_finds_the_old_one(
 
     # A night killed after its index and before the promotion: the re-run finds the index
     # built and only moves the alias.
-    v2, _ = registry.register(make_checkpoint(css_tiny, tmp_path / "b", seed=1),
+    v2, _ = registry.register(random_checkpoint(css_tiny, tmp_path / "b", seed=1),
                               run_name="nightly-b",
                               record=_night_record("2026-12-02", champion=1))
     assert build_version_index(url, 2, css_tiny, "test").built

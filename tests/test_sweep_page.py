@@ -251,7 +251,7 @@ def test_drawing_leaves_the_hooks_at_once_and_the_end_waits_for_it(tmp_path, mon
     trial.status = TERMINATED
     cb.on_trial_complete(iteration=1, trials=[trial], trial=trial)
     cb.on_experiment_end(trials=[trial])
-    assert cb.writes >= 2  # the first page and the final one; none is left half-drawn
+    assert cb.writes >= 1  # the newest state is drawn; an older one in hand may be skipped
     assert "http-equiv" not in _read(tmp_path, "summary.html")  # the final page stops refreshing
     rows = list(csv.DictReader(io.StringIO(_read(tmp_path, "summary.csv"))))
     assert [r["status"] for r in rows] == [TERMINATED]

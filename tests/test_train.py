@@ -227,16 +227,16 @@ def test_missing_dataset_is_one_line(tmp_path):
     assert "no dataset at" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_gpus_the_cluster_lacks_are_one_line_before_any_worker(tmp_path):
-    """An embedded Ray never gains resources: asking for GPUs on a machine without them fails
-    at once, naming what was asked and what the cluster has, and writes nothing."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "composeae.cli", "train", "--config", str(TINY), "--set",
-         f"train.storage={tmp_path / 'runs'}", "--set", "data.synth_if_missing=true",
-         "--set", f"data.url={tmp_path / 'css'}", "--set", "ray.use_gpu=true"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    error = proc.stderr.strip().splitlines()[-1]
-    assert error == ("error: 2 worker(s) (ray.num_workers, ray.cpus_per_worker, ray.use_gpu) "
-                     "need 1 CPUs and 2 GPUs; the cluster has 0 GPUs")
-    assert not (tmp_path / "runs").exists()
+def test_gpus_the_cluster_lacks_are_one_line_before_any_worker(ray_local, tiny_shards, tmp_path):
+    """An embedded Ray never gains resources: asking for GPUs it lacks fails at once, naming
+    what was asked and what the cluster has (`run_training` checks this before any worker
+    starts and before the run writes anything)."""
+    from composeae.errors import UserError
+    from composeae.run.cluster import wait_for_resources
+
+    cfg = tiny(tmp_path, tiny_shards, ray={"use_gpu": True})
+    with pytest.raises(UserError) as err:
+        wait_for_resources(cfg)
+    assert str(err.value) == ("2 worker(s) (ray.num_workers, ray.cpus_per_worker, ray.use_gpu) "
+                              "need 1 CPUs and 2 GPUs; the cluster has 0 GPUs")
+    wait_for_resources(tiny(tmp_path, tiny_shards))  # CPUs it has: no wait, no error

@@ -50,7 +50,6 @@ from composeae import storage
 
 from composeae.config import config_from_dict
 from composeae.data import schema, shardset
-from composeae.data.shardset import read_manifest
 from composeae.data.tarstream import StreamErrors, open_shard, tar_members
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
@@ -103,7 +102,7 @@ def checkpoint_file(url: str) -> str:
 def gallery_shards(data_url: str, split: str) -> tuple[list[dict], str]:
     """([{"name", "url", "count"}] of the split's gallery shards, their fingerprint)."""
 
-    manifest = read_manifest(data_url)
+    manifest = shardset.read_manifest(data_url)
     if split not in manifest["splits"]:
         raise UserError(f"dataset {data_url} has no split {split!r} "
                         f"(splits: {', '.join(sorted(manifest['splits']))})")
