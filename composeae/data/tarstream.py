@@ -117,21 +117,31 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 def tar_samples(stream, url: str) -> Iterator[dict]:
     """Samples of a WebDataset tar stream: {"__key__", "__url__", ext: bytes, ...}."""
+    for sample, _ in group_samples(((name, data, None) for name, data in tar_members(stream)),
+                                   url):
+        yield sample
+
+
+def group_samples(members, url: str) -> Iterator[tuple[dict, dict]]:
+    """(name, data, extra) members -> (sample, {ext: extra}) by WebDataset's key rule; `extra`
+    is what the caller tracks per member (e.g. its byte range), or None."""
     sample: dict | None = None
-    for name, data in tar_members(stream):
+    extras: dict = {}
+    for name, data, extra in members:
         match = _KEY_EXT.match(name)
         if match is None:
             continue
         key, ext = match.group(1), match.group(2).lower()
         if sample is None or key != sample["__key__"]:
             if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
+                yield sample, extras
+            sample, extras = {"__key__": key, "__url__": url}, {}
         if ext in sample:
             raise ValueError(f"{url}: {name} appears twice in one sample")
         sample[ext] = data
+        extras[ext] = extra
     if sample is not None:
-        yield sample
+        yield sample, extras
 
 
 def tar_members(stream) -> Iterator[tuple[str, bytes]]:

@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -50,7 +49,7 @@ from composeae import storage
 
 from composeae.config import config_from_dict
 from composeae.data import schema, shardset
-from composeae.data.tarstream import StreamErrors, open_shard, tar_members
+from composeae.data.tarstream import StreamErrors, group_samples, open_shard, tar_members
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
@@ -143,7 +142,6 @@ def read_manifest(url: str) -> dict[str, Any] | None:
 
 # -- reading shards with byte offsets -------------------------------------------------------------
 
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's key/extension rule
 
 
 class _Position:
@@ -163,22 +161,14 @@ def samples_with_offsets(url: str) -> Iterator[tuple[dict, dict[str, tuple[int, 
 
     with open_shard(url) as raw:
         stream = _Position(raw)
-        sample, where = None, {}
-        for name, data in tar_members(stream):
-            # `tar_members` yields a member after reading its data and the padding to 512 bytes.
-            end = stream.position - (-len(data) % 512)
-            match = _KEY_EXT.match(name)
-            if match is None:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample, where
-                sample, where = {"__key__": key, "__url__": url}, {}
-            sample[ext] = data
-            where[ext] = (end - len(data), len(data))
-        if sample is not None:
-            yield sample, where
+
+        def members():
+            for name, data in tar_members(stream):
+                # `tar_members` yields a member after reading its data and the padding to 512.
+                end = stream.position - (-len(data) % 512)
+                yield name, data, (end - len(data), len(data))
+
+        yield from group_samples(members(), url)
 
 
 def read_range(url: str, offset: int, size: int) -> bytes:
