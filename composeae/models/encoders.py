@@ -101,7 +101,14 @@ class LSTMTextEncoder(nn.Module):
         self.fc = nn.Sequential(nn.Dropout(0.1), nn.Linear(cfg.text_dim, cfg.text_dim))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embedding(ids))  # (B, T, text_dim)
+        words = self.embedding(ids)  # (B, T, word_dim)
+        if words.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN has a bf16 LSTM only on CPUs with AVX512-BF16/AMX and fails on the others;
+            # on CPU the LSTM runs in float32 (CUDA autocast keeps its own rule).
+            with torch.autocast("cpu", enabled=False):
+                out, _ = self.lstm(words.float())  # (B, T, text_dim)
+        else:
+            out, _ = self.lstm(words)  # (B, T, text_dim)
         last = (mask.sum(1) - 1).clamp(min=0)  # index of each text's last real token
         return self.fc(out[torch.arange(out.shape[0], device=out.device), last])
 
