@@ -264,3 +264,37 @@ def test_official_soft_triplet_gradient_reaches_the_model():
     for got, want in zip(grads["official"], grads["exact"]):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want / 2)
+
+
+def _outputs(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+    model.eval()  # dropout off: what a key changes shows in the weights or the arithmetic
+    reference, texts, _ = batch(4)
+    with torch.no_grad():
+        return model.state_dict(), model.compose(reference, texts)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_models_read_exactly_the_family_keys_they_declare(name):
+    """A sweep searches `model.dropout` only for models that declare it (`reads_key`): a key a
+    model says it ignores changes neither its weights nor its output; a key it declares does."""
+    from composeae.models.base import FAMILY_MODEL_KEYS, TEXT_MODEL_KEYS
+    from composeae.models.zoo import model_class
+
+    changes = {"dropout": 0.3, "a_init": 3.0, "projection": "separate", "text_dim": 40,
+               "word_dim": 8}
+    base_state, base_out = _outputs(build(name))
+    cls = model_class(name)
+    for key, value in changes.items():
+        assert key in FAMILY_MODEL_KEYS + TEXT_MODEL_KEYS
+        state, out = _outputs(build(name, **{key: value}))
+        same = (state.keys() == base_state.keys()
+                and all(state[k].shape == base_state[k].shape and torch.equal(state[k], base_state[k])
+                        for k in state)
+                and torch.equal(out, base_out))
+        if key == "dropout":  # dropout shows in training only: its module's rate
+            rates = {m.p for m in build(name, dropout=value).modules() if isinstance(m, nn.Dropout)}
+            same = value not in rates
+        assert same != cls.reads_key(f"model.{key}"), (name, key)
+    for term in ("base", "img_rec", "txt_rec", "sym"):
+        assert cls.reads_key(f"loss.w_{term}") == (term in cls.loss_terms)
+    assert cls.reads_key("optim.lr") and cls.reads_key("model.embed_dim")

@@ -36,7 +36,7 @@ def write_sweep(tmp_path, body: str, name: str = "s.yaml") -> Path:
 
 def test_tiny_sweep_loads_and_its_trials_validate(tiny):
     assert tiny.name == "tiny-sweep" and tiny.base_path == TINY.resolve()
-    assert list(tiny.space) == ["model.name", "loss.w_img_rec", "loss.w_sym"]
+    assert list(tiny.space) == ["model.name", "loss.w_img_rec", "loss.w_sym", "model.a_init"]
     assert tiny.num_trials == 4 and tiny.num_samples == 2
     assert (tiny.metric, tiny.mode, tiny.scheduler, tiny.searcher) == ("val/R@1", "max", "asha",
                                                                       "random")
@@ -51,7 +51,14 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
     for params in trials:
         cfg = tiny.trial_config(params, name=tiny.trial_run_name("abc_00001"))
         assert isinstance(cfg, Config)
-        assert cfg.model.name == params["model.name"] and cfg.loss.w_sym == params["loss.w_sym"]
+        assert cfg.model.name == params["model.name"]
+        assert cfg.model.a_init == params["model.a_init"]
+        # ComposeAE's loss weights reach ComposeAE's trials only: TIRG has no such terms.
+        if params["model.name"] == "composeae":
+            assert cfg.loss.w_sym == params["loss.w_sym"]
+        else:
+            assert set(params) == {"model.name", "model.a_init"}
+            assert cfg.loss.w_sym == tiny.base_config().loss.w_sym
         assert cfg.train.steps == 24 and cfg.train.eval_every == 6  # `set`
         assert cfg.model.embed_dim == 32  # untouched base value
         assert cfg.train.name == "tiny-sweep-abc_00001" and cfg.train.storage == "runs"
@@ -199,9 +206,12 @@ def test_optuna_searcher(tmp_path):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from composeae.sweep.searchers import DistinctSearch
+
     body = "searcher: optuna\nseed: 3\nsearch:\n  model.name: {choice: [composeae, tirg]}\n"
     sweep = load_sweep(write_sweep(tmp_path, body))
-    assert isinstance(sweep.make_searcher(), OptunaSearch)
+    searcher = sweep.make_searcher()
+    assert isinstance(searcher, DistinctSearch) and isinstance(searcher._inner, OptunaSearch)
     assert isinstance(sweep.make_searcher(max_concurrent=2), ConcurrencyLimiter)
     with pytest.raises(UserError, match="search.model.name"):  # Optuna samples: no grid
         load_sweep(write_sweep(tmp_path, body.replace("choice", "grid")))
@@ -217,10 +227,14 @@ def test_command_line_overrides(tiny):
     ])
     assert "model.name" not in sweep.space and ("model.name", "tirg") in sweep.fixed
     assert sweep.space["model.embed_dim"] == Dist("choice", (16, 32))
+    # TIRG alone: ComposeAE's loss weights leave the search, with a note.
+    assert sweep.ignored == ("loss.w_img_rec", "loss.w_sym")
+    assert "not searched: loss.w_img_rec, loss.w_sym" in sweep.describe()
+    assert list(sweep.space) == ["model.a_init", "model.embed_dim"]
     assert sweep.num_trials == 3 and sweep.seed == 7 and sweep.trial_cpus == 0.25
     assert sweep.scheduler == "none" and sweep.make_scheduler() is None
     assert sweep.experiment_url == "s3://bucket/sweeps/tiny-sweep"
-    params = {"loss.w_img_rec": 0.1, "loss.w_sym": 0.01, "model.embed_dim": 16}
+    params = {"model.a_init": 1.0, "model.embed_dim": 16}
     cfg = sweep.trial_config(params)
     assert (cfg.model.name, cfg.optim.lr, cfg.model.embed_dim) == ("tirg", 0.001, 16)
     assert cfg.train.storage == "s3://bucket/sweeps"  # trials' Train runs live with the sweep
@@ -239,7 +253,8 @@ def test_best_config_yaml_round_trips(tiny, tmp_path):
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert "tiny-sweep" in header[0] and "f00d_00001" in header[0]
     assert any("val/R@1 = 42.5" in line for line in header)
-    assert any("loss.w_img_rec" in line for line in header)
+    assert [line.split("=")[0].strip("# ") for line in header if " = " in line
+            and "val/" not in line] == list(params)
     assert "--set" not in text  # nothing to add: the file alone reproduces the trial
 
     # Named as the trial's own run, it is the trial's config exactly.
@@ -262,49 +277,67 @@ def test_best_config_yaml_under_a_profile_names_the_sets_it_needs(tmp_path):
     assert load_config(path, sets) == sweep.trial_config(params, name="tiny-sweep-best")
 
 
-def test_param_space_kinds_and_bounds(tmp_path):
-    from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
-
+def test_distributions_draw_within_their_bounds(tmp_path):
     body = ("search:\n"
             "  model.name: {grid: [composeae, tirg]}\n"
             "  model.embed_dim: {choice: [16, 32, 64]}\n"
             "  optim.lr: {loguniform: [1e-4, 1e-2]}\n"
             "  model.dropout: {uniform: [0, 0.5]}\n"
             "  train.batch_size: {randint: [4, 8]}\n")
-    space = load_sweep(write_sweep(tmp_path, body)).param_space()
-    assert space["model.name"] == {"grid_search": ["composeae", "tirg"]}
-    assert isinstance(space["model.embed_dim"], Categorical)
-    assert space["model.embed_dim"].categories == [16, 32, 64]
-    lr = space["optim.lr"]
-    assert isinstance(lr, Float) and isinstance(lr.get_sampler(), LogUniform)
-    assert (lr.lower, lr.upper) == (1e-4, 1e-2)
-    dropout = space["model.dropout"]
-    assert isinstance(dropout, Float) and isinstance(dropout.get_sampler(), Uniform)
-    assert (dropout.lower, dropout.upper) == (0.0, 0.5)
-    batch = space["train.batch_size"]
-    assert isinstance(batch, Integer) and (batch.lower, batch.upper) == (4, 9)
-    # randint includes both ends.
-    drawn = batch.sample(size=400, random_state=np.random.default_rng(0))
-    assert set(drawn) == {4, 5, 6, 7, 8}
+    space = load_sweep(write_sweep(tmp_path, body)).space
+    rng = np.random.default_rng(0)
+    draws = {key: [dist.sample(rng) for _ in range(400)] for key, dist in space.items()}
+    assert set(draws["model.name"]) == {"composeae", "tirg"}
+    assert set(draws["model.embed_dim"]) == {16, 32, 64}
+    assert all(type(v) is int for v in draws["model.embed_dim"] + draws["train.batch_size"])
+    lr = np.log10(draws["optim.lr"])
+    assert lr.min() >= -4 and lr.max() < -2 and abs(np.median(lr) + 3) < 0.2  # log-uniform
+    assert 0 <= min(draws["model.dropout"]) and max(draws["model.dropout"]) < 0.5
+    assert set(draws["train.batch_size"]) == {4, 5, 6, 7, 8}  # randint includes both ends
 
 
 def test_seed_makes_sampling_reproducible(tiny):
     again = load_sweep(TINY_SWEEP)
     assert preview(tiny) == preview(again)
     other = preview(load_sweep(TINY_SWEEP, ["seed=1"]))
-    assert [t["loss.w_sym"] for t in other] != [t["loss.w_sym"] for t in preview(tiny)]
-    # The domains themselves, sampled with a seeded generator.
-    space = tiny.param_space()
-    draw = [space["loss.w_img_rec"].sample(size=5, random_state=np.random.default_rng(s))
-            for s in (5, 5, 6)]
-    assert list(draw[0]) == list(draw[1]) != list(draw[2])
-    assert all(0.01 <= v < 1 for v in draw[0])
+    assert ([t.get("loss.w_sym") for t in other]
+            != [t.get("loss.w_sym") for t in preview(tiny)])
+
+
+def test_a_grid_over_families_gives_each_its_share_of_distinct_trials(tmp_path):
+    """Family-only keys never reach another family's trials; no two trials are the same
+    effective config; a family whose space runs out of configs gets fewer trials, reported."""
+    from composeae.sweep.plan import plan_trials
+
+    body = ("num_samples: 3\nsearch:\n"
+            "  model.name: {grid: [composeae, tirg, image_only]}\n"
+            "  loss.w_sym: {loguniform: [0.001, 0.1]}\n"
+            "  model.dropout: {uniform: [0.0, 0.5]}\n"
+            "  model.a_init: {choice: [1.0, 10.0]}\n"
+            "  model.text_dim: {choice: [16, 24]}\n")
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    plan = plan_trials(sweep)
+    keys = {family: set(sweep.keys_for(family)) for family in sweep.families}
+    assert keys["composeae"] == set(sweep.space)
+    assert keys["tirg"] == {"model.name", "model.a_init", "model.text_dim"}
+    assert keys["image_only"] == {"model.name"}  # reads neither a_init nor text keys
+    for params in plan.trials:
+        assert set(params) == keys[sweep.family_of(params)]
+        sweep.trial_config(params)  # exactly the keys of its family
+    assert len({sweep.trial_key(p) for p in plan.trials}) == len(plan.trials)
+    # TIRG's 4 configs hold 3 distinct draws; image_only has one config, so two draws skip.
+    assert plan.per_family(sweep) == {"composeae": 3, "tirg": 3, "image_only": 1}
+    assert [sweep.family_of(p) for p in plan.duplicates] == ["image_only", "image_only"]
+    assert "2 draw(s) skipped" in plan.describe(sweep)
+    assert "(only composeae)" in sweep.describe()
 
 
 def test_tune_objects(tiny):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    from composeae.sweep.searchers import PlannedSearch
 
     scheduler = tiny.make_scheduler()
     assert isinstance(scheduler, ASHAScheduler)
@@ -313,9 +346,12 @@ def test_tune_objects(tiny):
     assert scheduler._stop_last_trials is False
     config = tiny.tune_config()
     assert isinstance(config, tune.TuneConfig)
-    assert (config.metric, config.mode, config.num_samples) == ("val/R@1", "max", 2)
-    assert isinstance(config.search_alg, BasicVariantGenerator)
+    assert (config.metric, config.mode, config.num_samples) == ("val/R@1", "max", 4)
+    assert isinstance(config.search_alg, ConcurrencyLimiter)
     assert config.search_alg.max_concurrent == 2  # the file's max_concurrent_trials
+    planned = config.search_alg.searcher
+    assert isinstance(planned, PlannedSearch)
+    assert [planned.suggest(f"t{i}") for i in range(5)] == preview(tiny) + [Searcher.FINISHED]
     assert tiny.failure_config().max_failures == 0
     assert tiny.trial_resources() == {"CPU": 0.1}
 
@@ -352,3 +388,33 @@ def test_page_spec(tiny):
     spec = tiny.page_spec()
     assert spec.params == tuple(tiny.space) and spec.metric == "val/R@1"
     assert spec.planned_steps == 24 and spec.test_metric == "test/R@1"
+
+
+def test_optuna_asks_only_the_family_keys_and_never_repeats_a_trial(tmp_path):
+    from ray.tune.search import Searcher
+
+    body = ("searcher: optuna\nseed: 1\nnum_samples: 8\nsearch:\n"
+            "  model.name: {choice: [composeae, tirg]}\n"
+            "  model.a_init: {choice: [1.0, 10.0]}\n"
+            "  loss.w_sym: {choice: [0.01, 0.1]}\n")
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    searcher = sweep.make_searcher()
+    suggested = []
+    for i in range(sweep.num_trials):
+        params = searcher.suggest(f"t{i}")
+        if params == Searcher.FINISHED:
+            break
+        suggested.append(params)
+        searcher.on_trial_complete(f"t{i}", {"val/R@1": 0.1 * i, "training_iteration": 1})
+        if i == 1:  # the search state survives a save and a restore (a resumed sweep)
+            path = tmp_path / "searcher.pkl"
+            searcher.save(str(path))
+            searcher = sweep.make_searcher()
+            searcher.restore(str(path))
+    # 4 ComposeAE configs and 2 TIRG ones exist: all are tried once, then the search ends.
+    keys = [sweep.trial_key(p) for p in suggested]
+    assert len(set(keys)) == len(keys) == 6
+    for params in suggested:
+        assert set(params) == set(sweep.keys_for(sweep.family_of(params)))
+    assert sum(p["model.name"] == "tirg" for p in suggested) == 2
+    assert searcher.repeats > 0

@@ -15,7 +15,8 @@ import pytest
 
 from composeae.sweep.page.state import ERROR, PENDING, RUNNING, SweepSpec, SweepState, TERMINATED
 from composeae.sweep.page.callback import SweepPageCallback
-from composeae.sweep.page.render import csv_columns, render_csv, render_html, render_md
+from composeae.sweep.page.render import (csv_columns, family_budgets, render_csv, render_html,
+                                         render_md)
 
 PARAMS = ("model.name", "optim.lr")
 
@@ -62,6 +63,19 @@ def test_rows_best_trial_and_stopped_early():
     assert not by_id["t3"].stopped_early  # still running
     t4 = by_id["t4"]
     assert (t4.status, t4.best, t4.evaluations, t4.steps) == (PENDING, None, 0, None)
+
+
+def test_budget_per_family_counts_trials_and_steps():
+    state = _sample_state()
+    budgets = family_budgets(state.rows(), state.spec)
+    assert budgets[0][:5] == ["model family", "trials", "finished", "stopped early",
+                              "steps trained"]
+    # composeae: t1 (40 steps, finished) and t3 (20, running); tirg: t2 (20, stopped), t4.
+    assert budgets[1:] == [["composeae", "2", "1", "0", "60", "40.00"],
+                           ["tirg", "2", "0", "1", "20", "12.00"]]
+    page = render_html(state.rows(), state.spec)
+    assert "Budget per model family" in page and "<td>tirg</td><td class=n>2</td>" in page
+    assert "| composeae | 2 | 1 | 0 | 60 | 40.00 |" in render_md(state.rows(), state.spec)
 
 
 def test_planned_steps_decide_finished_without_final():

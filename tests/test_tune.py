@@ -1,5 +1,5 @@
-"""Ray Tune end to end on real local Ray: the tiny sweep (4 trials, ASHA, two model families and
-two loss weights, fractional CPUs), with its storage in the moto S3 server; its best trial
+"""Ray Tune end to end on real local Ray: the tiny sweep (4 trials, ASHA, two model families, a
+shared key and two loss weights only ComposeAE has, fractional CPUs), with its storage in the moto S3 server; its best trial
 trained again from `best.yaml`; HParams in the TensorBoard event files; one-line errors.
 
 The sweep runs once for the module (about a minute and a half on 2 cores).
@@ -41,6 +41,8 @@ def swept(ray_local, s3_server, tmp_path_factory):
 
 
 def test_asha_sweep_over_two_families_finishes_and_names_its_best(swept):
+    from composeae.sweep.load import load_sweep
+
     sweep, summary = swept
     url = summary.url
     assert url == f"{sweep.storage}/tiny-sweep" and url.startswith("s3://")
@@ -50,7 +52,14 @@ def test_asha_sweep_over_two_families_finishes_and_names_its_best(swept):
 
     rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{url}/summary.csv"))))
     assert len(rows) == 4
-    assert {r["model.name"] for r in rows} == {"composeae", "tirg"}
+    assert [r["model.name"] for r in rows].count("tirg") == 2
+    assert [r["model.name"] for r in rows].count("composeae") == 2
+    # ComposeAE's loss weights never reach a TIRG trial: its cells are blank, its a_init is not.
+    for r in rows:
+        tirg = r["model.name"] == "tirg"
+        assert (r["loss.w_sym"] == "" == r["loss.w_img_rec"]) == tirg
+        assert r["model.a_init"] in ("1.0", "10.0")
+    assert len({(r["model.name"], r["model.a_init"], r["loss.w_sym"]) for r in rows}) == 4
     assert [r["trial_id"] for r in rows if r["is_best"] == "True"] == [summary.best_trial]
     assert sum(r["stopped_early"] == "True" for r in rows) == summary.stopped_early
     # The best trial has the highest validation R@1 any trial reached.
@@ -63,7 +72,12 @@ def test_asha_sweep_over_two_families_finishes_and_names_its_best(swept):
 
     written = json.loads(storage.read_text(f"{url}/best.json"))
     assert written["best_trial"] == summary.best_trial
-    assert set(summary.best_params) == {"model.name", "loss.w_img_rec", "loss.w_sym"}
+    assert set(summary.best_params) == set(sweep.keys_for(summary.best_params["model.name"]))
+    # The sweep as it started, for a later `composeae tune` to compare its file with.
+    assert sweep.absolute().changes_from(storage.read_text(f"{url}/sweep.yaml")) == []
+    assert load_sweep(TINY_SWEEP, ["num_samples=3"]).absolute().changes_from(
+        storage.read_text(f"{url}/sweep.yaml")) == ["set.data.url", "num_samples", "storage"]
+    assert "Budget per model family" in page
     assert set(summary.best_test) == {"test/R@1", "test/R@5", "test/R@10"}
     assert storage.exists(f"{summary.best_checkpoint}/model.pt")
 
@@ -105,8 +119,10 @@ def test_hparams_of_every_trial_are_in_event_files(swept, tmp_path):
         session = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/session_start_info"])
         params = dict(session.session_start_info.hparams)
-        assert set(params) == {"model.name", "loss.w_img_rec", "loss.w_sym"}
-        assert params["model.name"].string_value in ("composeae", "tirg")
+        family = params["model.name"].string_value
+        assert family in ("composeae", "tirg")
+        # Only the keys of the trial's family: a TIRG trial has no loss weight to show.
+        assert set(params) == set(sweep.keys_for(family))
         assert "val/R_1" in events.Tags()["scalars"]
 
 

@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"
 
 
-def _tune(tmp_path: Path, ray_tmp: str) -> subprocess.Popen:
+def _tune(tmp_path: Path, ray_tmp: str, *extra: str) -> subprocess.Popen:
     # RAY_TMPDIR marks this driver's Ray processes, so the test can stop all of them afterwards.
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "composeae.cli", "tune", "--config", str(TINY_SWEEP),
-         "--set", f"storage={tmp_path / 'runs'}", "--set", f"data.url={tmp_path / 'shards'}"],
+         "--set", f"storage={tmp_path / 'runs'}", "--set", f"data.url={tmp_path / 'shards'}",
+         *extra],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
 
@@ -61,8 +62,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         after = _finished_runs(sweep)
         rows_after = {name: _progress_rows(sweep, name) for name in after}
 
-        # Once more on the finished sweep: it is restored, trains nothing, names the same best.
-        third = _tune(tmp_path, ray_tmp)
+        # Once more on the finished sweep, edited: it says the edit does not apply, is
+        # restored, trains nothing, names the same best.
+        third = _tune(tmp_path, ray_tmp, "--set", "num_samples=3", "--set",
+                      "search.model.a_init={choice: [1.0, 3.0]}")
         again, _ = third.communicate(timeout=600)
         assert third.returncode == 0, again[-4000:]
     finally:
@@ -77,6 +80,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     best = [line for line in out.splitlines() if line.startswith("best trial")]
     assert best and best == [line for line in again.splitlines() if line.startswith("best trial")]
     assert _finished_runs(sweep) == after
+    changed = [line for line in again.splitlines() if "has changed since it started" in line]
+    assert len(changed) == 1 and "(search.model.a_init, num_samples)" in changed[0], again[-3000:]
+    assert "has changed" not in out
     assert {name: _progress_rows(sweep, name) for name in after} == rows_after
 
 

@@ -5,7 +5,8 @@ first; each built-in model module registers itself in it when imported below.
 """
 
 from composeae.models.zoo import (create_model, describe_models, list_models, model_class,
-                                  register_model)
+                                  model_reads_key, register_model)
 from composeae.models import baselines, composeae, tirg  # noqa: F401  (registration)
 
-__all__ = ["create_model", "describe_models", "list_models", "model_class", "register_model"]
+__all__ = ["create_model", "describe_models", "list_models", "model_class", "model_reads_key",
+           "register_model"]

@@ -22,6 +22,13 @@ from composeae.models.encoders import ImageEncoder, TextEncoder
 from composeae.models.text import TextTokenizer
 
 
+FAMILY_MODEL_KEYS = ("dropout", "a_init", "projection")
+"""`model.*` keys that only some models read, each model naming its own in `family_keys`."""
+TEXT_MODEL_KEYS = ("text_encoder", "text_dim", "word_dim", "max_text_len", "bert_path",
+                   "bert_layers", "bert_hidden", "bert_heads", "bert_vocab_size", "freeze_text")
+"""`model.*` keys of the text encoder, read only by models that read the modifier."""
+
+
 class RetrievalModel(nn.Module):
     """Base class: encoders, target embedding, base loss and loss weighting."""
 
@@ -31,6 +38,23 @@ class RetrievalModel(nn.Module):
     loss_terms: tuple[str, ...] = ("base",)
     """The weighted terms of the training loss; term `t` is weighted by `loss.w_<t>`. A model
     with another term declares it here and returns it from `auxiliary_losses`."""
+    family_keys: tuple[str, ...] = ()
+    """The keys of `FAMILY_MODEL_KEYS` this model reads (`model.<key>`); the others change
+    nothing in it, so a sweep never searches them for it (`reads_key`)."""
+
+    @classmethod
+    def reads_key(cls, key: str) -> bool:
+        """Whether config key `section.key` can change this model or its training: `loss.w_<t>`
+        only for its loss terms, the `FAMILY_MODEL_KEYS` it lists in `family_keys`, the text
+        encoder's keys only when it reads the modifier; every other key."""
+        section, _, name = key.partition(".")
+        if section == "loss" and name.startswith("w_"):
+            return name[2:] in cls.loss_terms
+        if section == "model" and name in FAMILY_MODEL_KEYS:
+            return name in cls.family_keys
+        if section == "model" and name in TEXT_MODEL_KEYS:
+            return cls.uses_text
+        return True
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__()

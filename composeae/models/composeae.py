@@ -94,6 +94,7 @@ class _AutoEncoderComposer(RetrievalModel):
     decoders from theta back to x and q with their reconstruction terms."""
 
     loss_terms = ("base", "img_rec", "txt_rec")
+    family_keys = ("a_init",)
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
@@ -113,6 +114,7 @@ class _ProjectedComposer(_AutoEncoderComposer):
 
     conv_inputs = 5
     phi_parts = 2  # phi is (B, phi_parts * E)
+    family_keys = ("a_init", "dropout", "projection")
 
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)

@@ -21,6 +21,8 @@ from composeae.models.zoo import register_model
 class TIRG(RetrievalModel):
     """TIRG: gated residual text-image composition (the paper's main baseline)."""
 
+    family_keys = ("a_init",)
+
     def __init__(self, cfg: ModelConfig, loss_cfg: LossConfig, tokenizer: TextTokenizer):
         super().__init__(cfg, loss_cfg, tokenizer)
         joint = cfg.embed_dim + cfg.text_dim

@@ -49,6 +49,12 @@ def model_class(name: str) -> type:
     return _MODELS[name]
 
 
+def model_reads_key(name: str, key: str) -> bool:
+    """Whether config key `section.key` can change model `name` (`RetrievalModel.reads_key`):
+    a sweep searches a key only for the models that read it."""
+    return model_class(name).reads_key(key)
+
+
 def describe_models() -> dict[str, str]:
     """Name -> first line of the model class docstring (for `composeae models`)."""
     return {name: (model_class(name).__doc__ or "").strip().splitlines()[0] for name in list_models()}

@@ -46,6 +46,7 @@ SWEEP_RUNS_DIR = "runs"
 HPARAMS_DIR = "hparams"
 BEST_YAML = "best.yaml"
 BEST_JSON = "best.json"
+SWEEP_FILE = "sweep.yaml"  # the resolved sweep file as it started
 SUMMARY_CSV, SUMMARY_MD, SUMMARY_HTML = "summary.csv", "summary.md", "summary.html"
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from composeae.config import Config, config_to_dict, dump_config, load_config
 from composeae.sweep.spec import Sweep
-from composeae.sweep.values import yaml_value
+from composeae.sweep.values import plain, yaml_value
 
 
 def reported_trials(sweep: Sweep, grid: Iterable[Any]) -> list[Any]:
@@ -28,6 +28,11 @@ def reported_trials(sweep: Sweep, grid: Iterable[Any]) -> list[Any]:
     if not results:
         raise RuntimeError(f"sweep {sweep.name}: no trial reported {sweep.metric}")
     return results
+
+
+def trial_params(sweep: Sweep, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's searched values from its Tune config: only the keys of its model family."""
+    return {k: plain(config[k]) for k in sweep.space if config.get(k) is not None}
 
 
 def best_row(sweep: Sweep, result: Any) -> Any:
@@ -64,7 +69,7 @@ def best_config_yaml(sweep: Sweep, params: Mapping[str, Any], *, trial_id: str |
     if metrics is not None and sweep.metric in metrics:
         header.append(f"# {sweep.metric} = {metrics[sweep.metric]} "
                       f"(selected by {sweep.mode} {sweep.metric})")
-    header += [f"#   {k} = {yaml_value(params[k])}" for k, _ in sweep.search]
+    header += [f"#   {k} = {yaml_value(v)}" for k, v in params.items()]
     command = "composeae train --config THIS_FILE" + "".join(f" --set {o}" for o in extra)
     header.append(f"# Train it again as run {run_name!r}: {command}")
     return "\n".join(header) + "\n" + body

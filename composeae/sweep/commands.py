@@ -10,6 +10,7 @@ from composeae.run import layout
 from composeae.run.cluster import release_ray
 from composeae.run.commands import say
 from composeae.sweep.load import load_sweep
+from composeae.sweep.plan import plan_trials
 
 
 def register(subparsers) -> None:
@@ -28,6 +29,8 @@ def run_tune(args: argparse.Namespace) -> None:
 
     sweep = load_sweep(args.config, args.set)
     say(sweep.describe())
+    if sweep.searcher == "random":
+        say(plan_trials(sweep).describe(sweep))
     summary = run_sweep(sweep)
     release_ray()
     say(f"{summary.trials} trials: {summary.finished} finished, {summary.stopped_early} stopped "

@@ -15,6 +15,7 @@ Layout of a sweep at `<storage>/<name>/` (the names are `composeae.run.layout`'s
     summary.{csv,md,html}  the sweep's page, rewritten while the search runs
     best.yaml              the best trial as an experiment config for `composeae train`
     best.json              the best trial: id, parameters, validation and test recall
+    sweep.yaml             the resolved sweep file as it started (a resumed sweep is compared)
 
 A Train run is named from its trial id, so a restarted trial resumes its run. Running the same
 sweep again (same name and storage) restores it with `Tuner.restore`: finished trials are kept,
@@ -34,10 +35,12 @@ from composeae.config import Config, replace, worker_range
 from composeae.report.tblog import write_hparams
 from composeae.run import layout
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
+from composeae.run.commands import say
 from composeae.run.driver import PreparedRun, build_trainer, finish_run, prepare_run
 from composeae.run.eval_job import evaluate_checkpoint
 from composeae.run.nodefiles import check_node_files
-from composeae.sweep.best import best_config_yaml, best_row, best_trial, reported_trials
+from composeae.sweep.best import (best_config_yaml, best_row, best_trial, reported_trials,
+                                  trial_params)
 from composeae.sweep.spec import Sweep
 from composeae.sweep.values import is_finite_number, plain
 
@@ -99,16 +102,24 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, prepared=prepared),
                                     sweep.trial_resources())
     url = sweep.experiment_url
+    started = storage.join(url, layout.SWEEP_FILE)
     if tune.Tuner.can_restore(url):
+        changed = (sweep.changes_from(storage.read_text(started)) if storage.exists(started)
+                   else [])
+        if changed:
+            say(f"sweep {sweep.name} has changed since it started ({', '.join(changed)}): it "
+                f"resumes as it started (Tune restores its saved search); to run the edited "
+                f"sweep, give it a new name (--set name=...)")
         tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
     else:
+        storage.write_text(started, sweep.to_yaml())
         page = SweepPageCallback(url, sweep.page_spec())
         # Tune's own records stay (CSV, JSON), but not its TensorBoard logger: the trials' Train
         # runs and `hparams/` already write each trial's curves and HParams entry, and Tune's
         # would show every trial a second time under another name.
         loggers = [tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()]
         tuner = tune.Tuner(
-            trainable, param_space=sweep.param_space(),
+            trainable,
             tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
             # verbose=1: Tune's status table and trial ends, not every intermediate result.
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=1,
@@ -125,7 +136,7 @@ def _summarise(sweep: Sweep, prepared: PreparedRun, grid) -> SweepSummary:
     _write_hparams(sweep, results)
     best, row = best_trial(sweep, results)
     trial_id = best.metrics["trial_id"]
-    params = {k: plain(best.config[k]) for k in sweep.space}
+    params = trial_params(sweep, best.config)
     cfg = trial_config(sweep, params, trial_id)
     final = bool(best.metrics.get(layout.FINAL_FLAG))
     # The best weights of the trial: its `final` checkpoint when it ran to the end, else the
@@ -173,7 +184,7 @@ def _write_hparams(sweep: Sweep, results) -> None:
         old = storage.join(hparams, trial)
         for name in storage.listdir(old):
             storage.remove(storage.join(old, name))
-        write_hparams(hparams, {k: plain(result.config[k]) for k in sweep.space}, metrics,
+        write_hparams(hparams, trial_params(sweep, result.config), metrics,
                       run_name=trial, step=int(row["step"]))
 
 

@@ -36,7 +36,12 @@ Top-level keys (only these; anything else is an error):
 - `name`: the sweep's name; Tune's experiment lives at `<storage>/<name>` (submitting the same
   sweep again resumes it) and the Train run of trial T is named `<name>-<T>`.
 - `set`: fixed `section.key` values applied after the base file, for every trial.
-- `search`: the search space. Each value is a one-key mapping naming a distribution:
+- `search`: the search space. A key applies to a trial only where the trial's model reads it
+  (`loss.w_<t>` for the models with loss term `t`, `model.dropout` for the ComposeAE family, the
+  text encoder's keys for models that read the modifier; `RetrievalModel.reads_key`): a TIRG
+  trial of a sweep over ComposeAE's loss weights gets no value for them (blank on the page and
+  in TensorBoard), and a key that no model of the sweep reads is left out with a note. Each
+  value is a one-key mapping naming a distribution:
 
   - `{choice: [a, b, ...]}`: one of the values, uniformly at random (`tune.choice`);
   - `{grid: [a, b, ...]}`: every value, each crossed with `num_samples` draws of the other keys
@@ -51,7 +56,10 @@ Top-level keys (only these; anything else is an error):
   read a string). `ray.*` keys (the resources a trial reserves), `train.name` and
   `train.storage` cannot be searched; a key cannot be both fixed in `set` and searched.
 - `num_samples` (default 1): number of random draws; the sweep runs
-  `num_samples x (product of the grid sizes)` trials.
+  `num_samples x (product of the grid sizes)` trials. Two trials never train the same
+  effective config: the random searcher draws again (so each model family of a `grid` gets its
+  `num_samples` distinct trials while its space holds them) and skips a draw it cannot make
+  new; Optuna is asked again (`composeae.sweep.plan`).
 - `metric` (default `val/R@1`), `mode` (default `max`): how trials are compared, by the ASHA
   scheduler and when the best trial is chosen. Only validation metrics (`val/...`, reported at
   every evaluation) are allowed: selecting on `test/...` would leak the test split into the model
@@ -96,8 +104,8 @@ range) is applied on top of the base config and `set`, through the same `load_co
 `composeae train` uses, so a value that training would refuse is refused here; combinations of
 searched values are checked when a trial builds its config.
 
-The Tune driver uses the loaded `Sweep`: `param_space()` for the Tuner, `tune_config()` for
-metric, mode, scheduler, searcher and concurrency, `trial_resources()` for `tune.with_resources`,
+The Tune driver uses the loaded `Sweep`: `tune_config()` for metric, mode, scheduler, searcher
+(which holds the search space) and concurrency, `trial_resources()` for `tune.with_resources`,
 `failure_config()` for Tune's run config, and, inside each trial, `trial_config(params, name=...)`
 for the trial's experiment config. `best_config_yaml(sweep, params)` writes the chosen trial as an
 experiment YAML that `composeae train --config` trains again.
@@ -242,6 +250,7 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
 
     search = tuple((key, _check_dist(key, spec, base, set_overrides))
                    for key, spec in search_raw.items())
+    search, ignored = _drop_unread_keys(search, base_cfg.model.name)
     space = dict(search)
 
     num_samples = raw.get("num_samples", 1)
@@ -290,7 +299,21 @@ def _build(path: Path, raw: dict, base: Any, fixed: dict[str, Any], search_raw: 
                  num_samples=num_samples, metric=metric, mode=mode, **sched,
                  evaluations=evaluations, searcher=searcher, seed=seed,
                  max_concurrent_trials=max_concurrent, trial_cpus=float(trial_cpus),
-                 max_failures=max_failures, storage=storage, path=path.resolve())
+                 max_failures=max_failures, storage=storage, path=path.resolve(),
+                 ignored=ignored)
+
+
+def _drop_unread_keys(search: tuple[tuple[str, Dist], ...], base_model: str
+                      ) -> tuple[tuple[tuple[str, Dist], ...], tuple[str, ...]]:
+    """The search without the keys that no model of the sweep reads (`--set model.name=tirg`
+    on a sweep of ComposeAE's loss weights leaves nothing to search in them), and those keys."""
+    from composeae.models import model_reads_key  # deferred: the models import torch
+
+    space = dict(search)
+    families = space["model.name"].args if "model.name" in space else (base_model,)
+    ignored = tuple(k for k, _ in search if k != "model.name"
+                    and not any(model_reads_key(f, k) for f in families))
+    return tuple((k, d) for k, d in search if k not in ignored), ignored
 
 
 def _check_dist(key: Any, spec: Any, base: Path, set_overrides: list[str]) -> Dist:

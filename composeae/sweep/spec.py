@@ -9,11 +9,13 @@ objects built from a sweep are `composeae.sweep.tune_objects`, the only place Ra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import yaml
 
 from composeae import storage
@@ -21,7 +23,7 @@ from composeae.config import Config, load_config, worker_range
 from composeae.errors import UserError
 from composeae.storage import absolute_url
 from composeae.sweep.page.state import SweepSpec
-from composeae.sweep.tune_objects import TuneObjects, dist_to_tune
+from composeae.sweep.tune_objects import TuneObjects
 from composeae.sweep.values import plain, yaml_value
 
 
@@ -33,12 +35,20 @@ class Dist:
     kind: str
     args: tuple
 
-    def to_tune(self) -> Any:
-        """The Ray Tune domain (or grid_search spec) for `Tuner(param_space=...)`."""
-        return dist_to_tune(self)
-
     def to_yaml(self) -> dict[str, list]:
         return {self.kind: [plain(v) for v in self.args]}
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        """One draw as a plain Python value: a value of a choice or grid, a float in [low, high)
+        (log-uniform for loguniform), an integer in [low, high] for randint."""
+        if self.kind in ("choice", "grid"):
+            return plain(self.args[int(rng.integers(len(self.args)))])
+        low, high = self.args
+        if self.kind == "uniform":
+            return float(rng.uniform(low, high))
+        if self.kind == "loguniform":
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        return int(rng.integers(low, high + 1))
 
     def candidates(self) -> tuple:
         """Values checked against the config: every choice, or both ends of a range."""
@@ -78,6 +88,9 @@ class Sweep(TuneObjects):
     storage: str
     path: Path | None = field(default=None, compare=False)
     """The sweep file this came from."""
+    ignored: tuple[str, ...] = ()
+    """Keys of the file's search that no model of the sweep reads (`model_reads_key`), left
+    out of `search` and named by `describe`."""
 
     # ----- what the sweep is
 
@@ -92,8 +105,38 @@ class Sweep(TuneObjects):
 
     @property
     def num_trials(self) -> int:
+        """Trials asked for: `num_samples` per grid point (fewer run when a family's space holds
+        fewer distinct configs, see `composeae.sweep.plan`)."""
         grid = math.prod(len(d.args) for _, d in self.search if d.kind == "grid")
         return self.num_samples * grid
+
+    # ----- which keys apply to which trial
+
+    @functools.cached_property
+    def base_family(self) -> str:
+        """The model of every trial when `model.name` is not searched."""
+        return self.base_config().model.name
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families the sweep trains."""
+        dist = self.space.get("model.name")
+        return tuple(dist.args) if dist is not None else (self.base_family,)
+
+    def family_of(self, params: Mapping[str, Any]) -> str:
+        return str(params.get("model.name", self.base_family))
+
+    def keys_for(self, family: str) -> tuple[str, ...]:
+        """The searched keys that apply to a trial of `family`, in file order: `model.name`
+        and every key the model reads (`RetrievalModel.reads_key`)."""
+        from composeae.models import model_reads_key  # deferred: the models import torch
+
+        return tuple(k for k, _ in self.search
+                     if k == "model.name" or model_reads_key(family, k))
+
+    def trial_key(self, params: Mapping[str, Any]) -> tuple:
+        """What makes two trials the same training run: their searched values, as text."""
+        return tuple(sorted((k, yaml_value(v)) for k, v in params.items()))
 
     @property
     def experiment_url(self) -> str:
@@ -111,14 +154,16 @@ class Sweep(TuneObjects):
 
     def trial_config(self, params: Mapping[str, Any], *, name: str | None = None) -> Config:
         """The experiment config of one trial: the base file, `set`, then `params` (one value per
-        searched key, as Tune passes them), applied through `load_config`; `train.storage` is the
-        sweep's storage and `train.name` is `name` when given (see `trial_run_name`)."""
-        missing = [k for k, _ in self.search if k not in params]
-        extra = [k for k in params if k not in self.space]
+        searched key that applies to the trial's family, `keys_for`, as Tune passes them),
+        applied through `load_config`; `train.storage` is the sweep's storage and `train.name`
+        is `name` when given (see `trial_run_name`)."""
+        keys = self.keys_for(self.family_of(params))
+        missing = [k for k in keys if k not in params]
+        extra = [k for k in params if k not in keys]
         if missing or extra:
-            raise ValueError(f"trial parameters must be exactly the searched keys; "
-                             f"missing {missing}, unknown {extra}")
-        overrides = self.base_overrides + [f"{k}={yaml_value(params[k])}" for k, _ in self.search]
+            raise ValueError(f"trial parameters must be exactly the searched keys of its "
+                             f"model; missing {missing}, unknown {extra}")
+        overrides = self.base_overrides + [f"{k}={yaml_value(params[k])}" for k in keys]
         overrides += self._storage_override()
         if name is not None:
             overrides.append(f"train.name={yaml_value(name)}")
@@ -188,13 +233,34 @@ class Sweep(TuneObjects):
         """The resolved sweep file (what `load_sweep` reads back as an equal `Sweep`)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def changes_from(self, text: str) -> list[str]:
+        """The keys (`num_samples`, `search.loss.w_sym`, ...) where this sweep differs from the
+        resolved sweep file `text` (`to_yaml` of the sweep when it started)."""
+        def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for key, value in d.items():
+                if isinstance(value, Mapping) and key in ("set", "search", "scheduler"):
+                    out.update(flat(value, f"{prefix}{key}."))
+                else:
+                    out[f"{prefix}{key}"] = value
+            return out
+
+        old, new = flat(yaml.safe_load(text) or {}), flat(self.to_dict())
+        return [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+
     def describe(self) -> str:
         """A few lines for people: trials, fixed and searched keys, selection, storage."""
         lines = [f"sweep {self.name}: {self.num_trials} trial(s) of {self.base_path.name}"]
         if self.fixed:
             lines.append("  set:    " + ", ".join(f"{k}={yaml_value(v)}" for k, v in self.fixed))
+        families = self.families
         for i, (key, dist) in enumerate(self.search):
-            lines.append(("  search: " if i == 0 else " " * 10) + f"{key} ~ {dist}")
+            only = [f for f in families if key in self.keys_for(f)]
+            scope = f"  (only {', '.join(only)})" if len(only) < len(families) else ""
+            lines.append(("  search: " if i == 0 else " " * 10) + f"{key} ~ {dist}{scope}")
+        if self.ignored:
+            lines.append(f"  not searched: {', '.join(self.ignored)} (no model of this sweep "
+                         f"reads them)")
         sched = (f"asha (grace_period {self.grace_period}, reduction_factor "
                  f"{self.reduction_factor:g}, max_t {self.max_t} of {self.evaluations} evaluations)"
                  if self.scheduler == "asha" else "none")

@@ -1,7 +1,8 @@
-"""The Ray Tune objects a sweep is run with: search space, scheduler, searcher, Tune config.
+"""The Ray Tune objects a sweep is run with: scheduler, searcher (which holds the search
+space), Tune config.
 
 What belongs here: every use of `ray.tune` by the sweep spec, as the methods of `TuneObjects`
-(mixed into `composeae.sweep.spec.Sweep`) and `dist_to_tune`. Ray is imported inside them, not at
+(mixed into `composeae.sweep.spec.Sweep`), and `OptunaSpace`. Ray is imported inside them, not at
 the top: loading and checking a sweep file, and drawing its page, need no Ray.
 """
 
@@ -11,24 +12,7 @@ import importlib.util
 from typing import Any
 
 from composeae.errors import UserError
-from composeae.sweep.values import plain
-
-
-def dist_to_tune(dist) -> Any:
-    """The Ray Tune domain (or grid_search spec) of a `Dist` for `Tuner(param_space=...)`."""
-    from ray import tune  # deferred: see the module docstring
-
-    values = [plain(v) for v in dist.args]
-    if dist.kind == "choice":
-        return tune.choice(values)
-    if dist.kind == "grid":
-        return tune.grid_search(values)
-    low, high = values
-    if dist.kind == "uniform":
-        return tune.uniform(low, high)
-    if dist.kind == "loguniform":
-        return tune.loguniform(low, high)
-    return tune.randint(low, high + 1)  # Ray's upper bound is exclusive
+from composeae.sweep.plan import plan_trials
 
 
 def require_optuna() -> None:
@@ -39,10 +23,6 @@ def require_optuna() -> None:
 
 class TuneObjects:
     """The Tune side of a `Sweep` (its fields are the sweep's)."""
-
-    def param_space(self) -> dict[str, Any]:
-        """`Tuner(param_space=...)`: searched `section.key` -> Ray Tune domain."""
-        return {key: dist.to_tune() for key, dist in self.search}
 
     def make_scheduler(self) -> Any:
         """ASHA on `training_iteration` (one per report), or None (Tune's FIFO) for `none`. It
@@ -58,19 +38,24 @@ class TuneObjects:
                              reduction_factor=self.reduction_factor, stop_last_trials=False)
 
     def make_searcher(self, max_concurrent: int | None = None) -> Any:
-        """The seeded search algorithm, limited to `max_concurrent` running trials when given
-        (Tune ignores TuneConfig's limit for a BasicVariantGenerator passed in, so the limit is
-        applied here)."""
+        """The seeded search algorithm, limited to `max_concurrent` running trials when given:
+        `random` runs the sweep's `plan_trials` (`PlannedSearch`); `optuna` is Optuna's TPE over
+        `OptunaSpace` (define-by-run: only the keys of the suggested family), never repeating a
+        trial (`DistinctSearch`)."""
+        from ray.tune.search import ConcurrencyLimiter  # deferred: see the module docstring
+
+        from composeae.sweep.searchers import DistinctSearch, PlannedSearch
+
         if self.searcher == "optuna":
             require_optuna()
-            from ray.tune.search import ConcurrencyLimiter
             from ray.tune.search.optuna import OptunaSearch
 
-            searcher = OptunaSearch(seed=self.seed)
-            return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
-        from ray.tune.search import BasicVariantGenerator  # deferred: as above
-
-        return BasicVariantGenerator(random_state=self.seed, max_concurrent=max_concurrent or 0)
+            optuna = OptunaSearch(space=OptunaSpace(self), metric=self.metric, mode=self.mode,
+                                  seed=self.seed)
+            searcher = DistinctSearch(optuna, self.trial_key, self.metric, self.mode)
+        else:
+            searcher = PlannedSearch(plan_trials(self).trials, self.metric, self.mode)
+        return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
 
     def tune_config(self, max_concurrent: int | None = None) -> Any:
         """`ray.tune.TuneConfig` with metric, mode, num_samples, scheduler and searcher. The
@@ -79,7 +64,8 @@ class TuneObjects:
         from ray import tune  # deferred: see the module docstring
 
         limit = max_concurrent or self.max_concurrent_trials
-        return tune.TuneConfig(metric=self.metric, mode=self.mode, num_samples=self.num_samples,
+        # The searcher holds the space and ends the search; num_samples only bounds it.
+        return tune.TuneConfig(metric=self.metric, mode=self.mode, num_samples=self.num_trials,
                                scheduler=self.make_scheduler(),
                                search_alg=self.make_searcher(limit))
 
@@ -88,3 +74,28 @@ class TuneObjects:
         from ray import tune  # deferred: see the module docstring
 
         return tune.FailureConfig(max_failures=self.max_failures)
+
+
+class OptunaSpace:
+    """Optuna's define-by-run search space of a sweep: the family first, then only the keys
+    that apply to it, so a TIRG trial never samples ComposeAE's loss weights. A plain object (not
+    a closure) so that the searcher pickles with the experiment."""
+
+    def __init__(self, sweep):
+        self.sweep = sweep
+
+    def __call__(self, trial) -> None:
+        sweep = self.sweep
+        family = sweep.base_family
+        if "model.name" in sweep.space:
+            family = trial.suggest_categorical("model.name", list(sweep.space["model.name"].args))
+        for key in sweep.keys_for(family):
+            dist = sweep.space[key]
+            if key == "model.name":
+                continue
+            if dist.kind == "choice":
+                trial.suggest_categorical(key, list(dist.args))
+            elif dist.kind == "randint":
+                trial.suggest_int(key, *dist.args)
+            else:
+                trial.suggest_float(key, *dist.args, log=dist.kind == "loguniform")

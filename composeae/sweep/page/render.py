@@ -56,6 +56,22 @@ def _best_sentence(best: TrialRow | None, spec: SweepSpec) -> str:
     return text + "."
 
 
+def family_budgets(rows: Sequence[TrialRow], spec: SweepSpec) -> list[list[str]]:
+    """Per model family: trials, finished, stopped early, training steps summed over its trials
+    and its best value of `spec.metric`, so a comparison across families shows whether each
+    had the same budget. The header row first."""
+    out = [["model family", "trials", "finished", "stopped early", "steps trained",
+            f"best {metric_label(spec.metric)}"]]
+    for family in dict.fromkeys(r.family or "–" for r in rows):
+        mine = [r for r in rows if (r.family or "–") == family]
+        values = [r.best for r in mine if r.best is not None]
+        best = (max(values) if spec.mode == "max" else min(values)) if values else None
+        out.append([family, str(len(mine)), str(sum(r.finished for r in mine)),
+                    str(sum(r.stopped_early for r in mine)),
+                    f"{sum(r.steps or 0 for r in mine):g}", fmt_metric(spec.metric, best)])
+    return out
+
+
 def csv_columns(spec: SweepSpec) -> list[str]:
     return ["trial_id", "status", *spec.params, f"best {spec.metric}", "best_step",
             *[f"best {m}" for m in spec.extra_metrics], "steps", "evaluations",
@@ -121,6 +137,10 @@ def render_md(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = False,
         if r.is_best:
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
+    budgets = family_budgets(rows, spec)
+    lines += ["", "## Budget per model family", "",
+              "| " + " | ".join(budgets[0]) + " |", "|" + "|".join(" --- " for _ in budgets[0]) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in budgets[1:]]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +180,13 @@ def render_html(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = Fals
         (f"best {spec.metric} per model family", "best per model family",
          families_png(rows, spec)),
     ]
+    budgets = family_budgets(rows, spec)
+    budget_rows = ["<tr>" + "".join(f"<th>{esc(h)}</th>" for h in budgets[0]) + "</tr>"]
+    for row in budgets[1:]:  # the family's name, then numbers
+        budget_rows.append("<tr>" + "".join(f'<td{" class=n" if j else ""}>{esc(c)}</td>'
+                                            for j, c in enumerate(row)) + "</tr>")
+    budget_table = ("<h2>Budget per model family</h2>\n<table>" + "\n".join(budget_rows)
+                    + "</table>")
     figures = "\n".join(f'<h2>{esc(h)}</h2>\n<img alt="{esc(alt)}" '
                         f'src="data:image/png;base64,{png}">' for h, alt, png in pictures)
     return f"""<!doctype html>
@@ -173,6 +200,7 @@ def render_html(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = Fals
 <table><tr>{header}</tr>
 {chr(10).join(body)}
 </table>
+{budget_table}
 {figures}
 </body></html>
 """
