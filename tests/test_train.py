@@ -44,6 +44,9 @@ def retrieval_rows(page: str) -> list[tuple[str, list[str]]]:
                                        page, re.S)]
 
 
+WORKER_PHASES = {"model", "checkpoint", "first_batch", "first_step"}
+
+
 def untrained_recall(cfg) -> dict[str, float]:
     from composeae.data.shardset import load_corpus
     from composeae.evaluate import evaluate
@@ -71,6 +74,12 @@ def test_two_workers_improve_recall_and_write_the_run(ray_local, tiny_shards, tm
     run = tmp_path / "runs" / "tiny"
     written = json.loads((run / "metrics.json").read_text())
     assert written["test/R@1"] == metrics["test/R@1"]
+    # Where the start-up went: Ray's part and each of the worker's, in seconds, summing to the
+    # time from building the trainer to the end of the first step.
+    startup = written["startup_s"]
+    assert set(startup) in ({"ray", *WORKER_PHASES}, {"ray_workers", "worker_init",
+                                                      *WORKER_PHASES})
+    assert all(v >= 0 for v in startup.values()) and 1 < sum(startup.values()) < 300
     # The checkpoint is named by an absolute path that `composeae eval` takes as it is.
     assert written["checkpoint"] == summary.checkpoint_url == str(run / "final")
     assert (run / "config.yaml").is_file()
@@ -240,3 +249,19 @@ def test_gpus_the_cluster_lacks_are_one_line_before_any_worker(ray_local, tiny_s
     assert str(err.value) == ("2 worker(s) (ray.num_workers, ray.cpus_per_worker, ray.use_gpu) "
                               "need 1 CPUs and 2 GPUs; the cluster has 0 GPUs")
     wait_for_resources(tiny(tmp_path, tiny_shards))  # CPUs it has: no wait, no error
+
+
+def test_a_process_knows_when_it_started():
+    """The start-up split between Ray and the worker rests on reading a process's start time."""
+    import subprocess
+    import sys
+    import time
+
+    before = time.time()
+    out = subprocess.run([sys.executable, "-c", "import time; t = time.time()\n"
+                          "from composeae.run.worker import _process_started_at\n"
+                          "print(t, _process_started_at())"],
+                         capture_output=True, text=True, check=True).stdout
+    entered, started = map(float, out.split())
+    # Clock ticks are 10 ms: the start lies between the parent's launch and the child's first line.
+    assert before - 0.02 <= started <= entered + 0.02

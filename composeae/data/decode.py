@@ -22,7 +22,6 @@ import logging
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from composeae.data import schema
 from composeae.data.tarstream import StreamErrors
@@ -67,11 +66,17 @@ class SampleDecoder:
         self.images = {key: schema.BATCH_IMAGE_KEYS[key] for key in schema.KIND_IMAGES[kind]}
         self.image_size = image_size
         self.errors = errors
-        # Mild crops keep the modified object in view; flips are fine for real photos.
-        self.augment = transforms.Compose([
-            transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True),
-            transforms.RandomHorizontalFlip(),
-        ]) if augment else None
+        self.augment = None
+        if augment:
+            # deferred: importing torchvision loads torch._dynamo, about 1.8 s of every worker's
+            # start-up, and only augmentation needs it here
+            from torchvision import transforms
+
+            # Mild crops keep the modified object in view; flips are fine for real photos.
+            self.augment = transforms.Compose([
+                transforms.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True),
+                transforms.RandomHorizontalFlip(),
+            ])
 
     def __call__(self, sample: dict) -> dict | None:
         try:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,9 @@ def build_trainer(prepared: PreparedRun, cfg: Config | None = None,
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "tokenizer": prepared.tokenizer_state(cfg),
                            "tensorboard_url": storage.join(url, layout.TENSORBOARD_DIR),
-                           "fault": fault_plan()},
+                           "fault": fault_plan(),
+                           # the start of the start-up the workers time (`worker.Startup`)
+                           "submitted_at": time.time()},
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.train.name, storage_path=cfg.train.storage, callbacks=list(callbacks),

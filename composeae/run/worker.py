@@ -220,10 +220,57 @@ def _quiet_ray_reports() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+def _process_started_at() -> float | None:
+    """When this process started, on the `time.time()` clock (Linux's /proc), else None."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = (float(Path("/proc/uptime").read_text().split()[0])
+               - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start, in ticks
+        return time.time() - age
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Startup:
+    """Where a worker group's start-up goes, in seconds on rank 0: from the driver building the
+    trainer, `ray_workers` until this worker's process started (Train controller, placement,
+    actor processes), `worker_init` until this function runs (imports, Ray's actor set-up, the
+    torch process group), then `model` (built, wrapped for DDP), `checkpoint` (restored),
+    `first_batch` (the stream's loader workers and first shards) and `first_step`. A process Ray
+    had started before the run gets one `ray` phase for both; a group that restarts within one
+    fit gets neither (they would hold the failed attempt)."""
+
+    PHASES = ("ray", "ray_workers", "worker_init", "model", "checkpoint", "first_batch",
+              "first_step")
+
+    def __init__(self, submitted_at: float | None):
+        self.submitted_at, self.last = submitted_at, time.time()
+        self.seconds: dict[str, float] = {}
+        started = _process_started_at()
+        if submitted_at is not None and started is not None and started > submitted_at:
+            self.seconds["ray_workers"] = started - submitted_at
+            self.seconds["worker_init"] = self.last - started
+        elif submitted_at is not None:
+            self.seconds["ray"] = self.last - submitted_at
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+    def describe(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{p.replace('_', ' ')} {self.seconds[p]:.1f} s"
+                          for p in self.PHASES if p in self.seconds)
+        return f"start-up {total:.1f} s: {parts}"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every rank runs: `config` is the driver's `train_loop_config`."""
+    import ray.train.torch  # noqa: F401  (deferred: see _restore; its import is worker_init's)
+
     _quiet_ray_reports()
-    worker = _Worker(config)
+    worker = _Worker(config, Startup(config.get("submitted_at")))
     if worker.state.finished:
         worker.report_finished()
     else:
@@ -234,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 class _Worker:
     """One rank's run, in the steps `train_loop_per_worker` takes."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], startup: Startup):
         import ray.train  # deferred: see _restore
         import ray.train.torch
 
@@ -245,12 +292,18 @@ class _Worker:
         self.device = ray.train.torch.get_device()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
+        self.startup = startup
         model = create_model(cfg.model, cfg.loss, tokenizer_from_state(config["tokenizer"]))
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        startup.mark("model")
         self.state, self.best_model, self.rng = _restore(self.model, self.optimizer,
                                                          self.scheduler)
+        startup.mark("checkpoint")
+        if any(a.get("submitted_at") == startup.submitted_at for a in self.state.attempts):
+            for phase in ("ray", "ray_workers", "worker_init"):  # a restart within one fit
+                startup.seconds.pop(phase, None)
         if cfg.train.init_from and not self.state.resumes:
             _warm_start(self.model, cfg.train.init_from, self.rank)
         self.has_val = has_split(cfg.data, cfg.eval.val_split)
@@ -300,12 +353,18 @@ class _Worker:
         else:
             torch.manual_seed(cfg.train.seed + 1000 * self.rank + state.step)  # differs per rank
         self.model.train()
+        first = True
         while state.step < cfg.train.steps:
             epoch, done = divmod(state.step, stream.steps_per_epoch)
             for batch in _skip(stream.epoch(epoch), done):
+                if first:
+                    self.startup.mark("first_batch")
                 _maybe_inject_fault(self.fault, state.step, self.rank)
                 terms = train_step(self.model, self.optimizer, self.scheduler, batch, cfg,
                                    self.device)
+                if first:
+                    self.record_startup()
+                    first = False
                 batch_size = batch["reference"].shape[0]
                 state.step += 1
                 state.samples_seen += batch_size * self.world_size
@@ -329,6 +388,15 @@ class _Worker:
             _say(f"resized at step {state.step}: {changed[0]['from']} -> {changed[0]['to']} "
                  f"workers")
         _say(f"{self.world_size} worker(s) on {len(nodes)} node(s): {', '.join(nodes)}")
+
+    def record_startup(self) -> None:
+        """After the first step: the start-up in this attempt's record, and one line."""
+        float(next(iter(self.model.parameters())).sum())  # the step done on the device too
+        self.startup.mark("first_step")
+        self.state.attempts[-1] |= {"submitted_at": self.startup.submitted_at,
+                                    "startup_s": dict(self.startup.seconds)}
+        if self.rank == 0:
+            _say(self.startup.describe())
 
     def evaluate_and_report(self, epoch: int) -> None:
         """Score the validation split, keep the best weights, report a checkpoint."""
@@ -373,6 +441,7 @@ class _Worker:
                  "best_step": state.best_step, "resumes": state.resumes,
                  "workers": self.world_size, "resizes": resizes(state.attempts),
                  "restarts": [a["step"] for a in state.attempts[1:]],
+                 "startup_s": state.attempts[-1].get("startup_s", {}) if state.attempts else {},
                  "nodes": state.attempts[-1]["nodes"] if state.attempts else [],
                  "score": state.best_score, layout.FINAL_FLAG: True}
         final |= {f"test/{k}": v for k, v in test.items()}
