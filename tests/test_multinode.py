@@ -19,6 +19,7 @@ from composeae import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+TINY_SWEEP = ROOT / "jobs" / "configs" / "sweeps" / "tiny.yaml"
 NODE_B = "127.0.0.2"
 
 
@@ -34,9 +35,15 @@ def cluster(s3_server):
 
 
 def train(cluster, *overrides: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "composeae.cli", "train", "--config", str(TINY)]
+    args = ["train", "--config", str(TINY)]
     for item in overrides:
-        argv += ["--set", item]
+        args += ["--set", item]
+    return composeae(cluster, *args, wait=wait)
+
+
+def composeae(cluster, *args: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    """The `composeae` command line, joined to the cluster as a user's shell would be."""
+    argv = [sys.executable, "-m", "composeae.cli", *args]
     env = {**os.environ, "RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "disabled"}
     if wait:
         return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
@@ -76,6 +83,15 @@ def test_one_worker_per_node_with_s3(cluster, s3_shards):
     assert metrics["samples_seen"] == 6 * 8 * 2
     assert "2 worker(s) on 2 node(s)" in proc.stdout
 
+    # `composeae eval` of that checkpoint runs on the run's two workers, one per node, and
+    # scores the test split as the run's own final evaluation did.
+    proc = composeae(cluster, "eval", "--checkpoint", f"{run}/final", "--data", s3_shards,
+                     "--out", "s3://multinode/eval.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"checkpoint: {run}/final"
+    table = json.loads(storage.read_text("s3://multinode/eval.json"))
+    assert table == {k: v for k, v in metrics.items() if k.startswith("test/")}
+
 
 def test_data_only_on_the_drivers_disk_is_one_line(cluster):
     from composeae.data.synth import generate
@@ -94,17 +110,43 @@ def test_data_only_on_the_drivers_disk_is_one_line(cluster):
     assert not os.path.exists(runs), "nothing may be written before the check"
 
 
-def test_elastic_run_finishes_on_the_node_that_is_left(cluster, s3_shards):
-    """`num_workers: [1, 2]`, node B killed for good mid-run: the group restarts on one worker
-    from the last checkpoint and ends with the planned steps and samples (the global batch of
-    16 is split 8 + 8 on two workers, 16 on one)."""
+@pytest.mark.parametrize("key", ["train.storage", "model.image_weights"])
+def test_a_folder_or_file_only_on_the_drivers_disk_is_one_line(cluster, s3_shards, key):
+    """Checkpoints written where the driver cannot read them back, or weights node B cannot
+    load: refused before any worker starts, naming the key and the node; nothing left behind."""
+    assert cluster.isolated, "node B needs its own mount namespace (run the tests as root)"
+    local = os.path.join(cluster.private_dir, key.replace(".", "-"))
+    overrides = [f"data.url={s3_shards}", "ray.num_workers=2", "ray.cpus_per_worker=1"]
+    if key == "train.storage":
+        overrides.append(f"train.storage={local}")
+    else:
+        weights = os.path.join(local, "resnet18.pt")
+        os.makedirs(local)
+        Path(weights).write_bytes(b"weights")  # on the driver's disk only
+        overrides += ["train.storage=s3://multinode/runs", "model.image_encoder=resnet18",
+                      f"model.image_weights={weights}"]
+    proc = train(cluster, *overrides)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.stderr.strip().splitlines()[-1] == error
+    assert error.startswith(f"error: {key}: {local}") and "does not exist on node" in error
+    assert NODE_B in error
+    if key == "train.storage":
+        assert not os.path.exists(local), "the storage folder made for the check stays"
+
+
+def test_elastic_group_shrinks_with_a_lost_node_and_grows_when_it_returns(cluster, s3_shards):
+    """`num_workers: [1, 2]`, node B killed mid-run: the group restarts on one worker from the
+    last checkpoint; node B started again: the next resize check (every 5 s here) grows it back
+    to two. The run ends with the planned steps and samples (the global batch of 16 is split
+    8 + 8 on two workers, 16 on one)."""
     run = "s3://multinode/runs/elastic"
-    steps = 60
+    steps = 400
     proc = train(cluster, f"data.url={s3_shards}", "train.storage=s3://multinode/runs",
                  "train.name=elastic", "ray.placement_strategy=SPREAD", "ray.num_workers=[1, 2]",
                  "ray.cpus_per_worker=1", f"train.steps={steps}", "train.eval_every=10",
-                 "train.log_every=5", "ray.max_failures=3", wait=False)
-    out, killer = [], None
+                 "train.log_every=50", "ray.max_failures=3", "ray.resize_check_s=5", wait=False)
+    out, killer, returned = [], None, False
     try:
         for line in proc.stdout:
             out.append(line)
@@ -113,22 +155,71 @@ def test_elastic_run_finishes_on_the_node_that_is_left(cluster, s3_shards):
                 # sooner takes the report with it. 3 s later the step-10 checkpoint is safe.
                 killer = threading.Timer(3.0, cluster.kill_node, args=(1,))
                 killer.start()
+            if not returned and "-> 1 workers" in line:
+                killer.join()
+                cluster.start_node(1)
+                returned = True
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
         if killer is not None:
             killer.join()
-        cluster.start_node(1)  # the module's other tests keep their two nodes
+        if not returned:
+            cluster.start_node(1)  # the module's other tests keep their two nodes
     stdout = "".join(out)
     assert proc.returncode == 0, stdout[-4000:]
-    assert killer is not None
+    assert killer is not None and returned, stdout[-4000:]
     closing_lines(stdout, run)
     metrics = json.loads(storage.read_text(f"{run}/metrics.json"))
     assert metrics["step"] == steps and metrics["samples_seen"] == steps * 8 * 2
-    assert metrics["workers"] == 1 and metrics["nodes"] == [n for n in metrics["nodes"]
-                                                            if n != NODE_B]
-    (resize,) = metrics["resizes"]
-    assert resize["from"] == 2 and resize["to"] == 1
-    assert resize["step"] % 10 == 0 and 10 <= resize["step"] < steps  # from a checkpoint
-    assert f"resized at step {resize['step']}: 2 -> 1 workers" in stdout
+    shrink, grow = metrics["resizes"]
+    assert (shrink["from"], shrink["to"], grow["from"], grow["to"]) == (2, 1, 1, 2)
+    for resize in (shrink, grow):  # each from a checkpoint
+        assert resize["step"] % 10 == 0 and 10 <= resize["step"] < steps
+        assert f"resized at step {resize['step']}: {resize['from']} -> {resize['to']} " \
+               f"workers" in stdout
+    assert metrics["workers"] == 2 and NODE_B in metrics["nodes"]
+
+
+def test_a_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, s3_shards):
+    """The tiny sweep, one draw per family and no early stopping, on the two nodes: a trial's
+    driver and worker take 0.6 of a node's one CPU, so the two trials run one per node. Node B
+    is killed while its trial trains: that trial resumes from its last checkpoint and the sweep
+    ends with both trials' results, each run with its planned steps and samples."""
+    sweep = "s3://multinode/sweeps/tiny-sweep"
+    args = ["tune", "--config", str(TINY_SWEEP)]
+    for item in ("storage=s3://multinode/sweeps", f"data.url={s3_shards}", "num_samples=1",
+                 "scheduler=none", "max_failures=2", "ray.max_failures=2"):
+        args += ["--set", item]
+    proc = composeae(cluster, *args, wait=False)
+    out, killer = [], None
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if killer is None and f"ip={NODE_B}" in line and "validation at step 6 " in line:
+                killer = threading.Timer(3.0, cluster.kill_node, args=(1,))  # as above
+                killer.start()
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if killer is not None:
+            killer.join()
+        cluster.start_node(1)
+    stdout = "".join(out)
+    assert proc.returncode == 0, stdout[-4000:]
+    assert killer is not None, "no trial trained on node B"  # so the trials spread
+    assert "2 trials: 2 finished, 0 stopped early by the scheduler, 0 failed" in stdout
+    assert stdout.strip().splitlines()[-1].startswith(f"train it again: composeae train "
+                                                      f"--config {sweep}/best.yaml")
+    runs = [json.loads(storage.read_text(f"{sweep}/runs/{name}"))
+            for name in storage.list_files(f"{sweep}/runs")
+            if name.count("/") == 1 and name.endswith("/metrics.json")]
+    assert len(runs) == 2
+    for metrics in runs:
+        assert metrics["step"] == 24 and metrics["samples_seen"] == 24 * 8
+    # The trial on node B was interrupted (and the other one too when one of its Ray actors,
+    # such as its Train controller, lived there): its run restarted, a new worker group within
+    # the trial or the trial restarted by Tune, and went on from a checkpoint.
+    assert any(m["restarts"] or m["resumes"] > 0 for m in runs), runs

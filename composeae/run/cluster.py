@@ -5,7 +5,8 @@ shared by training, evaluation jobs, sweeps and the nightly job: `init_ray` (joi
 or job's cluster, or start an embedded local Ray with `address="local"`, so a stray cluster on
 the machine is never joined by accident), `scaling_config` (the one `ScalingConfig` of a run's
 workers), `absolute_paths` (paths Ray workers can open from any directory), `result_box` (a
-value handed from rank 0 to the driver) and `check_local_paths_on_nodes`.
+value handed from rank 0 to the driver), `check_local_paths_on_nodes` and
+`check_storage_on_nodes`.
 
 Ray's own console lines that a user of `composeae train` on an embedded Ray does not need
 (checkpoint bookkeeping, controller state transitions, moving and wrapping the model for DDP, a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from composeae.config import Config, replace, worker_range
@@ -177,3 +179,24 @@ def check_local_paths_on_nodes(paths: dict[str, str]) -> None:
     for what, nodes in missing_on_nodes(local).items():
         raise UserError(f"{what}: {local[what]} does not exist on node {', '.join(nodes)} "
                         f"(use s3:// or a filesystem shared by every node)")
+
+
+def check_storage_on_nodes(what: str, url: str) -> None:
+    """A local `train.storage` (`what`) must be one directory that every node sees, a shared
+    filesystem: rank 0 writes the checkpoints there and the driver reads them back. The driver
+    makes the directory when it is missing and checks it like a data path; when a node cannot
+    see it, what the driver made is removed again and the one-line error names the node.
+    `s3://` URLs are skipped."""
+    if url.startswith("s3://"):
+        return
+    made = []
+    for folder in reversed([Path(url), *Path(url).parents]):
+        if not folder.exists():
+            folder.mkdir()
+            made.append(folder)
+    try:
+        check_local_paths_on_nodes({what: url})
+    except UserError:
+        for folder in reversed(made):
+            folder.rmdir()
+        raise

@@ -39,7 +39,8 @@ from composeae.models.pretrained import check_pretrained
 from composeae.report.run_page import write_report
 from composeae.run import layout
 from composeae.run.build import build_tokenizer
-from composeae.run.cluster import (absolute_paths, check_local_paths_on_nodes, init_ray,
+from composeae.run.cluster import (absolute_paths, check_local_paths_on_nodes,
+                                   check_storage_on_nodes, init_ray,
                                    scaling_config, train_logging_config, wait_for_resources)
 from composeae.run.layout import run_url
 from composeae.run.nodefiles import check_node_files
@@ -173,6 +174,7 @@ def run_training(cfg: Config | PreparedRun) -> RunSummary:
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url}
                                | ({"train.init_from": prepared.cfg.train.init_from}
                                   if prepared.cfg.train.init_from else {}))
+    check_storage_on_nodes("train.storage", prepared.cfg.train.storage)
     result = build_trainer(prepared).fit()
     return finish_run(prepared, None, result)
 

@@ -34,7 +34,7 @@ from composeae import storage
 from composeae.config import Config, replace, worker_range
 from composeae.report.tblog import write_hparams
 from composeae.run import layout
-from composeae.run.cluster import check_local_paths_on_nodes, init_ray
+from composeae.run.cluster import check_local_paths_on_nodes, check_storage_on_nodes, init_ray
 from composeae.run.commands import say
 from composeae.run.driver import PreparedRun, build_trainer, finish_run, prepare_run
 from composeae.run.eval_job import evaluate_checkpoint
@@ -98,6 +98,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     init_ray(prepared.cfg)
     check_node_files(prepared.cfg)
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url})
+    check_storage_on_nodes("storage", sweep.storage)
 
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, prepared=prepared),
                                     sweep.trial_resources())

@@ -88,7 +88,7 @@ class Sweep(TuneObjects):
     storage: str
     path: Path | None = field(default=None, compare=False)
     """The sweep file this came from."""
-    ignored: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = field(default=(), compare=False)
     """Keys of the file's search that no model of the sweep reads (`model_reads_key`), left
     out of `search` and named by `describe`."""
 
