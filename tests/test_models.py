@@ -288,8 +288,8 @@ def test_models_read_exactly_the_family_keys_they_declare(name):
         assert key in FAMILY_MODEL_KEYS + TEXT_MODEL_KEYS
         state, out = _outputs(build(name, **{key: value}))
         same = (state.keys() == base_state.keys()
-                and all(state[k].shape == base_state[k].shape and torch.equal(state[k], base_state[k])
-                        for k in state)
+                and all(state[k].shape == base_state[k].shape
+                        and torch.equal(state[k], base_state[k]) for k in state)
                 and torch.equal(out, base_out))
         if key == "dropout":  # dropout shows in training only: its module's rate
             rates = {m.p for m in build(name, dropout=value).modules() if isinstance(m, nn.Dropout)}

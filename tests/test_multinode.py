@@ -34,14 +34,17 @@ def cluster(s3_server):
         yield c
 
 
-def train(cluster, *overrides: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+Command = subprocess.Popen | subprocess.CompletedProcess
+
+
+def train(cluster, *overrides: str, wait: bool = True) -> Command:
     args = ["train", "--config", str(TINY)]
     for item in overrides:
         args += ["--set", item]
     return composeae(cluster, *args, wait=wait)
 
 
-def composeae(cluster, *args: str, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+def composeae(cluster, *args: str, wait: bool = True) -> Command:
     """The `composeae` command line, joined to the cluster as a user's shell would be."""
     argv = [sys.executable, "-m", "composeae.cli", *args]
     env = {**os.environ, "RAY_ADDRESS": cluster.gcs_address, "RAY_AUTH_MODE": "disabled"}

@@ -78,6 +78,18 @@ def test_budget_per_family_counts_trials_and_steps():
     assert "| composeae | 2 | 1 | 0 | 60 | 40.00 |" in render_md(state.rows(), state.spec)
 
 
+def test_a_key_of_one_family_is_blank_for_the_others():
+    spec = SweepSpec(params=("model.name", "loss.w_sym"))
+    state = SweepState(spec)
+    _feed(state, "t1", {"model.name": "tirg"}, [0.3], final={"test/R@1": 0.25})
+    _feed(state, "t2", {"model.name": "composeae", "loss.w_sym": 0.01}, [0.2])
+    rows = state.rows()
+    assert rows[0].params == {"model.name": "tirg", "loss.w_sym": None}
+    page = render_html(rows, spec, ended=True)
+    assert "(model.name=tirg)" in page  # the best trial's sentence names only its keys
+    assert "tirg,,0.3" in render_csv(rows, spec)  # a blank cell, not a made-up value
+
+
 def test_planned_steps_decide_finished_without_final():
     state = SweepState(_spec(planned_steps=20))
     _feed(state, "a", {"model.name": "m", "optim.lr": 0.1}, [0.3, 0.4])  # reaches step 20

@@ -68,7 +68,12 @@ def params_png(rows: Sequence[TrialRow], spec: SweepSpec) -> str:
         return png(fig)
     for i, name in enumerate(params):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        points = [(r.params.get(name), k * r.best, r) for r in scored]
+        # Trials of a family that does not read the key have no value for it: not drawn.
+        points = [(r.params[name], k * r.best, r) for r in scored
+                  if r.params.get(name) is not None]
+        if not points:
+            empty_panel(ax, f"no result yet with {name}")
+            continue
         values = [v for v, _, _ in points]
         if _categorical(values):
             cats = sorted({fmt_value(v) for v in values})

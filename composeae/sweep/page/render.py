@@ -49,8 +49,9 @@ def _best_sentence(best: TrialRow | None, spec: SweepSpec) -> str:
     pct = "%" if is_recall_key(spec.metric) else ""
     text = (f"{best.trial_id}: {spec.metric} {fmt_metric(spec.metric, best.best)}{pct} "
             f"at step {_fmt_step(best.best_step)}")
-    if best.params:
-        text += " (" + ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items()) + ")"
+    shown = {k: v for k, v in best.params.items() if v is not None}  # its family's keys
+    if shown:
+        text += " (" + ", ".join(f"{k}={fmt_value(v)}" for k, v in shown.items()) + ")"
     if best.test is not None and spec.test_metric:
         text += f"; {spec.test_metric} {fmt_metric(spec.test_metric, best.test)}{pct}"
     return text + "."
@@ -138,8 +139,8 @@ def render_md(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = False,
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
     budgets = family_budgets(rows, spec)
-    lines += ["", "## Budget per model family", "",
-              "| " + " | ".join(budgets[0]) + " |", "|" + "|".join(" --- " for _ in budgets[0]) + "|"]
+    lines += ["", "## Budget per model family", "", "| " + " | ".join(budgets[0]) + " |",
+              "|" + "|".join(" --- " for _ in budgets[0]) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in budgets[1:]]
     return "\n".join(lines) + "\n"
 
