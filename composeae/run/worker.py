@@ -391,7 +391,7 @@ class _Worker:
 
     def record_startup(self) -> None:
         """After the first step: the start-up in this attempt's record, and one line."""
-        float(next(iter(self.model.parameters())).sum())  # the step done on the device too
+        float(next(iter(self.model.parameters())).detach().sum())  # the step done on the device
         self.startup.mark("first_step")
         self.state.attempts[-1] |= {"submitted_at": self.startup.submitted_at,
                                     "startup_s": dict(self.startup.seconds)}
