@@ -313,7 +313,10 @@ def list_files(url: str) -> list[str]:
     with _s3_errors(url):
         for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                           Prefix=prefix):
-            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+            # Keys ending in "/" are folder markers (pyarrow's S3 filesystem, which Ray Train
+            # writes checkpoints with, makes them), not files.
+            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])
+                      if not obj["Key"].endswith("/")]
     return sorted(names)
 
 
@@ -378,7 +381,8 @@ def listdir(url: str) -> list[str]:
         pages = s3_client().get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, Delimiter="/")
         for page in pages:
-            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+            names += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])
+                      if not obj["Key"].endswith("/")]  # a folder marker, as in list_files
             names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
     return sorted(names)
 

@@ -188,12 +188,13 @@ def test_elastic_group_shrinks_with_a_lost_node_and_grows_when_it_returns(cluste
 def test_a_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, s3_shards):
     """The tiny sweep, one draw per family and no early stopping, on the two nodes: a trial's
     driver and worker take 0.6 of a node's one CPU, so the two trials run one per node. Node B
-    is killed while its trial trains: that trial resumes from its last checkpoint and the sweep
-    ends with both trials' results, each run with its planned steps and samples."""
+    is killed while its trial trains (48 steps, so that it still trains 3 s after its first
+    checkpoint): that trial resumes from its last checkpoint and the sweep ends with both
+    trials' results, each run with its planned steps and samples."""
     sweep = "s3://multinode/sweeps/tiny-sweep"
     args = ["tune", "--config", str(TINY_SWEEP)]
     for item in ("storage=s3://multinode/sweeps", f"data.url={s3_shards}", "num_samples=1",
-                 "scheduler=none", "max_failures=2", "ray.max_failures=2"):
+                 "scheduler=none", "max_failures=2", "ray.max_failures=2", "train.steps=48"):
         args += ["--set", item]
     proc = composeae(cluster, *args, wait=False)
     out, killer = [], None
@@ -221,8 +222,29 @@ def test_a_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, s3_sha
             if name.count("/") == 1 and name.endswith("/metrics.json")]
     assert len(runs) == 2
     for metrics in runs:
-        assert metrics["step"] == 24 and metrics["samples_seen"] == 24 * 8
+        assert metrics["step"] == 48 and metrics["samples_seen"] == 48 * 8
     # The trial on node B was interrupted (and the other one too when one of its Ray actors,
     # such as its Train controller, lived there): its run restarted, a new worker group within
     # the trial or the trial restarted by Tune, and went on from a checkpoint.
     assert any(m["restarts"] or m["resumes"] > 0 for m in runs), runs
+
+
+def test_a_night_trains_its_challenger_across_both_nodes(cluster, s3_shards, tmp_path):
+    """`composeae nightly` on the two nodes, its runs and registry in S3 (the shards on a
+    folder both nodes see): the challenger trains one worker per node and is promoted."""
+    from composeae.registry.store import ModelRegistry
+
+    registry, runs, night = "s3://multinode/registry", "s3://multinode/nightly", "2026-12-01"
+    args = ["nightly", "--config", str(ROOT / "jobs" / "configs" / "nightly-tiny.yaml"),
+            "--date", night]
+    for item in (f"data.url={tmp_path / 'shards'}", f"train.storage={runs}",
+                 f"nightly.registry={registry}", "ray.placement_strategy=SPREAD",
+                 "ray.cpus_per_worker=1"):
+        args += ["--set", item]
+    proc = composeae(cluster, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "promoted: no champion yet" in proc.stdout
+    metrics = json.loads(storage.read_text(f"{runs}/nightly-{night}/metrics.json"))
+    assert len(set(metrics["nodes"])) == 2 and NODE_B in metrics["nodes"]
+    assert metrics["workers"] == 2 and "2 worker(s) on 2 node(s)" in proc.stdout
+    assert ModelRegistry.open(registry).aliases().aliases == {"champion": 1}

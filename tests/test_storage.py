@@ -123,6 +123,27 @@ def test_s3_basics(s3_bucket, tmp_path):
     assert storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentType"] == "text/html"
 
 
+def test_folder_markers_are_not_files(s3_bucket, tmp_path):
+    """pyarrow's S3 filesystem (Ray Train's checkpoint uploads) writes an empty `folder/` key
+    for each folder: listing and copying a checkpoint skip it rather than read it as a file."""
+    import pyarrow.fs
+
+    ckpt = storage.join(s3_bucket, "run", "final")
+    local = tmp_path / "final"
+    (local / "sub").mkdir(parents=True)
+    (local / "model.pt").write_bytes(b"weights")
+    (local / "sub" / "history.json").write_text("[]")
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage.join(s3_bucket, "run"))
+    pyarrow.fs.copy_files(str(local), f"{root}/final", destination_filesystem=fs)
+    bucket, key = storage.split_s3(ckpt)
+    storage.s3_client().put_object(Bucket=bucket, Key=f"{key}/", Body=b"")  # as pyarrow may
+    assert storage.list_files(ckpt) == ["model.pt", "sub/history.json"]
+    assert storage.listdir(ckpt) == ["model.pt", "sub"]
+    copied = storage.copy_tree(ckpt, str(tmp_path / "copy"))
+    assert copied == ["model.pt", "sub/history.json"]
+    assert (tmp_path / "copy" / "model.pt").read_bytes() == b"weights"
+
+
 def test_missing_bucket_is_one_clear_line(s3_server):
     url = "s3://no-such-bucket-here/data"
     for call in (lambda: storage.exists(url), lambda: storage.read_bytes(url),
