@@ -23,6 +23,13 @@ Evaluation (`eval_batches`): shard i goes to rank i % world_size, then to its Da
 in turn; no shuffling and no repetition, so across ranks every sample arrives exactly once and
 the last partial batch is kept.
 
+Resuming (`TrainStream.epoch(e)` then skipping the batches already trained): at the same world
+size the resumed epoch yields exactly the batches the interrupted one had left. At another world
+size (an elastic group resized), the epoch's shards are dealt over the new ranks from the start
+and the same number of batches is skipped, so within that epoch some samples can repeat and
+others be skipped: at most the samples trained before the resize (`done` steps x global batch),
+never more than one epoch's worth; from the next epoch on every sample is seen once per epoch.
+
 The rank and world size are passed explicitly (Ray Train sets RANK/WORLD_SIZE; the trainer reads
 them) rather than read by `webdataset.split_by_node`, which only looks at the environment; this
 also lets tests run several simulated ranks in one process.
