@@ -39,15 +39,9 @@ import torch.nn.functional as F
 from composeae.serve import index as index_mod
 from composeae.serve.search import top_k
 
+from bench_recall import proc_status_gb  # noqa: E402  (this folder is on sys.path)
+
 BLOCK = 65536
-
-
-def proc_status_gb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20  # kB
-    raise KeyError(field)
 
 
 def make_gallery(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

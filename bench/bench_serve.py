@@ -26,51 +26,9 @@ import os
 import random
 import statistics
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
-
-import requests
-
-
-
-class Clients:
-    """C threads sending searches back to back; (seconds, status, version) per answer."""
-
-    def __init__(self, base: str, refs: list[str], clients: int):
-        self.base, self.refs = base, refs
-        self.answers: list[tuple[float, int, int | None]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        draw = random.Random(i)
-        session = requests.Session()
-        while not self._stop.is_set():
-            body = {"ref": draw.choice(self.refs), "text": "make the red circle blue", "k": 10}
-            start = time.perf_counter()
-            try:
-                answer = session.post(f"{self.base}/search", json=body, timeout=120)
-                status = answer.status_code
-                version = answer.json().get("version") if status == 200 else None
-            except requests.RequestException:
-                status, version = 0, None
-            with self._lock:
-                self.answers.append((time.perf_counter() - start, status, version))
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        self.wall = time.perf_counter() - self.started
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,6 +51,7 @@ def main() -> None:
 
     from composeae.registry.store import ModelRegistry
     from composeae.testing.checkpoints import random_checkpoint
+    from composeae.testing.clients import SearchClients
     from composeae.testing.localcluster import free_port
     from composeae.serve.app import build_app
     from composeae.serve.index import build_index, load_index, registry_index_url, resolve_model
@@ -130,7 +89,7 @@ def main() -> None:
 
         rows = []
         for clients in [int(c) for c in args.clients.split(",")]:
-            with Clients(base, refs, clients) as load:
+            with SearchClients(base, refs, clients) as load:
                 time.sleep(args.seconds)
             ok = [t for t, status, _ in load.answers if status == 200]
             rows.append({"clients": clients, "requests": len(load.answers),
@@ -138,7 +97,7 @@ def main() -> None:
                          "p50_ms": 1000 * percentile(ok, 50), "p99_ms": 1000 * percentile(ok, 99),
                          "rps": len(ok) / load.wall})
 
-        with Clients(base, refs, args.swap_clients) as swap:
+        with SearchClients(base, refs, args.swap_clients) as swap:
             time.sleep(3.0)
             promoted = time.perf_counter()
             registry.promote(2, reason="bench: a new champion")

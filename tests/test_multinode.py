@@ -73,6 +73,35 @@ def s3_shards(cluster, s3_server):
     return "s3://multinode/css-tiny"
 
 
+def lose_node_b(cluster, proc: subprocess.Popen, kill_after, start_at=None
+                ) -> tuple[str, bool, bool]:
+    """Read `proc`'s output to its end; SIGKILL node B 3 s after the first line for which
+    `kill_after(line)` holds (Ray Train collects a report when it polls the workers, every 2 s:
+    a node lost sooner takes that report's checkpoint with it), and start it again at the first
+    later line for which `start_at(line)` holds. Node B is up again at the end whatever happens
+    (the module's other tests keep their two nodes). Returns (output, killed, started again)."""
+    out, killer, returned = [], None, False
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if killer is None and kill_after(line):
+                killer = threading.Timer(3.0, cluster.kill_node, args=(1,))
+                killer.start()
+            elif killer is not None and not returned and start_at and start_at(line):
+                killer.join()
+                cluster.start_node(1)
+                returned = True
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if killer is not None:
+            killer.join()
+        if not returned:
+            cluster.start_node(1)
+    return "".join(out), killer is not None, returned
+
+
 def test_one_worker_per_node_with_s3(cluster, s3_shards):
     run = "s3://multinode/runs/spread"
     proc = train(cluster, f"data.url={s3_shards}", "train.storage=s3://multinode/runs",
@@ -149,30 +178,11 @@ def test_elastic_group_shrinks_with_a_lost_node_and_grows_when_it_returns(cluste
                  "train.name=elastic", "ray.placement_strategy=SPREAD", "ray.num_workers=[1, 2]",
                  "ray.cpus_per_worker=1", f"train.steps={steps}", "train.eval_every=10",
                  "train.log_every=50", "ray.max_failures=3", "ray.resize_check_s=5", wait=False)
-    out, killer, returned = [], None, False
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if killer is None and "validation at step 10 " in line:
-                # Ray Train collects a report when it polls the workers (every 2 s): a node lost
-                # sooner takes the report with it. 3 s later the step-10 checkpoint is safe.
-                killer = threading.Timer(3.0, cluster.kill_node, args=(1,))
-                killer.start()
-            if not returned and "-> 1 workers" in line:
-                killer.join()
-                cluster.start_node(1)
-                returned = True
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if killer is not None:
-            killer.join()
-        if not returned:
-            cluster.start_node(1)  # the module's other tests keep their two nodes
-    stdout = "".join(out)
+    stdout, killed, returned = lose_node_b(cluster, proc,
+                                           lambda line: "validation at step 10 " in line,
+                                           lambda line: "-> 1 workers" in line)
     assert proc.returncode == 0, stdout[-4000:]
-    assert killer is not None and returned, stdout[-4000:]
+    assert killed and returned, stdout[-4000:]
     closing_lines(stdout, run)
     metrics = json.loads(storage.read_text(f"{run}/metrics.json"))
     assert metrics["step"] == steps and metrics["samples_seen"] == steps * 8 * 2
@@ -197,23 +207,10 @@ def test_a_sweep_spreads_over_both_nodes_and_survives_losing_one(cluster, s3_sha
                  "scheduler=none", "max_failures=2", "ray.max_failures=2", "train.steps=48"):
         args += ["--set", item]
     proc = composeae(cluster, *args, wait=False)
-    out, killer = [], None
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if killer is None and f"ip={NODE_B}" in line and "validation at step 6 " in line:
-                killer = threading.Timer(3.0, cluster.kill_node, args=(1,))  # as above
-                killer.start()
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if killer is not None:
-            killer.join()
-        cluster.start_node(1)
-    stdout = "".join(out)
+    stdout, killed, _ = lose_node_b(
+        cluster, proc, lambda line: f"ip={NODE_B}" in line and "validation at step 6 " in line)
     assert proc.returncode == 0, stdout[-4000:]
-    assert killer is not None, "no trial trained on node B"  # so the trials spread
+    assert killed, "no trial trained on node B"  # so the trials spread
     assert "2 trials: 2 finished, 0 stopped early by the scheduler, 0 failed" in stdout
     assert stdout.strip().splitlines()[-1].startswith(f"train it again: composeae train "
                                                       f"--config {sweep}/best.yaml")

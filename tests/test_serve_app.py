@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import threading
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import requests
 
 from composeae.cli import main
 from composeae.testing.checkpoints import random_checkpoint
+from composeae.testing.clients import SearchClients
 
 
 def _free_port() -> int:
@@ -124,50 +124,26 @@ def test_bad_requests_get_one_sentence_and_the_service_carries_on(service, body,
     assert requests.get(f"{base}/image/no-such-id", timeout=30).status_code == 404
 
 
-class RequestLoop:
-    """Threads sending searches back to back, recording each answer's status and version."""
+class RequestLoop(SearchClients):
+    """Two clients searching one reference, and what each saw: `wait_for` a version on both."""
 
     def __init__(self, base: str, ref: str, threads: int = 2):
-        self.base, self.ref = base, ref
-        self.answers: list[list[tuple[int, int | None]]] = [[] for _ in range(threads)]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, i: int) -> None:
-        while not self._stop.is_set():
-            try:
-                answer = _search(self.base, ref=self.ref, text="make the circle red", k=3)
-                version = answer.json().get("version") if answer.status_code == 200 else None
-                self.answers[i].append((answer.status_code, version))
-            except requests.RequestException:
-                self.answers[i].append((0, None))
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        super().__init__(base, [ref], threads, text="make the circle red", k=3)
 
     def wait_for(self, version: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(a and a[-1][1] == version for a in self.answers):
+            if all(a and a[-1][2] == version for a in self.per_client):
                 return
             time.sleep(0.2)
-        raise AssertionError(f"version {version} never answered: {self.tail()}")
-
-    def tail(self):
-        return [a[-3:] for a in self.answers]
+        raise AssertionError(f"version {version} never answered: "
+                             f"{[a[-3:] for a in self.per_client]}")
 
     def versions(self) -> list[list[int | None]]:
-        return [[v for _, v in a] for a in self.answers]
+        return [[v for _, _, v in a] for a in self.per_client]
 
     def failures(self) -> int:
-        return sum(status != 200 for a in self.answers for status, _ in a)
+        return sum(status != 200 for _, status, _ in self.answers)
 
 
 def _switches(versions: list[int | None]) -> int:
@@ -183,7 +159,7 @@ def test_a_promotion_is_swapped_in_under_load_without_a_failed_request(service):
         loop.wait_for(2)
         time.sleep(1.0)  # and it stays on the new version
     counts = {v: sum(x == v for a in loop.versions() for x in a) for v in (1, 2)}
-    print(f"swap under load: {sum(len(a) for a in loop.answers)} requests, "
+    print(f"swap under load: {len(loop.answers)} requests, "
           f"{loop.failures()} failed, answered by version 1: {counts[1]}, version 2: {counts[2]}")
     assert loop.failures() == 0
     for versions in loop.versions():

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # the spec's searchers import this module
-    from composeae.sweep.spec import Sweep
+# `sweep` arguments are `composeae.sweep.spec.Sweep`s, named as strings only: the spec's Tune
+# objects import this module, so it cannot import the spec back.
 
 MAX_REDRAWS = 100
 """Draws tried for one trial before it is skipped as a duplicate."""
@@ -30,14 +30,14 @@ class Plan:
     duplicates: tuple[dict[str, Any], ...]
     """Draws skipped because every redraw equalled an earlier trial."""
 
-    def per_family(self, sweep: Sweep) -> dict[str, int]:
+    def per_family(self, sweep: "Sweep") -> dict[str, int]:
         """Trials per model family, in the sweep's family order."""
         counts = {family: 0 for family in sweep.families}
         for params in self.trials:
             counts[sweep.family_of(params)] += 1
         return counts
 
-    def describe(self, sweep: Sweep) -> str:
+    def describe(self, sweep: "Sweep") -> str:
         """One line: trials per family, and the skipped duplicates."""
         counts = ", ".join(f"{family} {n}" for family, n in self.per_family(sweep).items())
         line = f"  trials: {len(self.trials)} ({counts})"
@@ -47,7 +47,7 @@ class Plan:
         return line
 
 
-def plan_trials(sweep: Sweep) -> Plan:
+def plan_trials(sweep: "Sweep") -> Plan:
     """The random searcher's trials (see the module docstring)."""
     rng = np.random.default_rng(sweep.seed)
     grid = [(key, dist) for key, dist in sweep.search if dist.kind == "grid"]
