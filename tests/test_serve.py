@@ -11,6 +11,7 @@ import torch
 
 from composeae.cli import main
 from composeae.testing.checkpoints import random_checkpoint
+from composeae.testing.console import own_lines
 from composeae import storage
 
 
@@ -166,7 +167,7 @@ def test_bad_search_input_is_one_line(local_index, capsys, tmp_path, args, messa
 
     args = [load_index(local_index).ids[0] if a == "ID" else a for a in args]
     assert main(["search", "--index", local_index, *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 

@@ -5,7 +5,6 @@ request, a rollback, and an alias moved to a version that has no index yet."""
 from __future__ import annotations
 
 import base64
-import socket
 import time
 
 import pytest
@@ -13,13 +12,9 @@ import requests
 
 from composeae.cli import main
 from composeae.testing.checkpoints import random_checkpoint
+from composeae.testing.console import own_lines
+from composeae.testing.localcluster import free_port
 from composeae.testing.clients import SearchClients
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register(registry, checkpoint: str, run: str) -> int:
@@ -49,7 +44,7 @@ def service(ray_local, s3_server, css_tiny, tmp_path_factory):
         build_index(resolve_model(None, url, str(version)), css_tiny,
                     registry_index_url(url, version), workers=2)
     registry.promote(1)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(url, "champion", poll_s=0.5, num_cpus=0.5), name="composeae",
               route_prefix="/")
@@ -204,7 +199,7 @@ def test_serve_command_refuses_an_alias_without_an_index(service, css_tiny, tmp_
     number = _register(registry, random_checkpoint(css_tiny, tmp_path, seed=3), "run-cli")
     registry.set_alias("candidate", number)
     assert main(["serve", "--registry", service["url"], "--alias", "candidate"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1 and f"(version {number}) has no index" in err[0]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from tensorboardX.summary import scalar as tbx_scalar
 from composeae.report import tblog
 from composeae import storage
 from composeae.errors import UserError
+from composeae.testing.localcluster import free_port
 
 
 def scalars(url: str) -> dict[str, list[tuple[int, float]]]:
@@ -145,12 +145,6 @@ def test_bad_input(s3_server, tmp_path):
         tblog.write_hparams(str(tmp_path), {"lr": 1.0}, {}, status="done")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_serves_s3_logdir_with_hparams(s3_bucket):
     """`tensorboard --logdir s3://...` against the S3 server, endpoint from AWS_ENDPOINT_URL."""
     logdir = f"{s3_bucket}/sweeps/s2"
@@ -159,7 +153,7 @@ def test_tensorboard_serves_s3_logdir_with_hparams(s3_bucket):
     run = tblog.open_writer(f"{logdir}/train")  # a run still being written
     tblog.add_scalars(run, 1, {"val/R@1": 5.0})
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "S3_ENDPOINT"}
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "tensorboard"), "--logdir", logdir,
