@@ -40,8 +40,8 @@ def test_tiny_sweep_loads_and_its_trials_validate(tiny):
     assert tiny.num_trials == 4 and tiny.num_samples == 2
     assert (tiny.metric, tiny.mode, tiny.scheduler, tiny.searcher) == ("val/R@1", "max", "asha",
                                                                       "random")
-    # 24 steps, an evaluation every 6: 4 evaluations, and ASHA's last rung at most at the 4th.
-    assert tiny.evaluations == 4 and tiny.max_t == 4 and tiny.grace_period == 1
+    # 24 steps, an evaluation every 6: 4 evaluations, and ASHA's last rung at most at the 3rd.
+    assert tiny.evaluations == 4 and tiny.max_t == 3 and tiny.grace_period == 1
     assert tiny.trial_cpus == 0.1 and tiny.storage == "runs"
     assert tiny.experiment_url == "runs/tiny-sweep"
 
@@ -127,7 +127,9 @@ ERRORS = [
     ("mode: maximum\n", [], "mode"),
     ("scheduler: hyperband\n", [], "scheduler"),
     ("scheduler: {name: asha, max_t: 5}\n", [], "scheduler.max_t"),  # past the evaluations
-    ("scheduler: {name: asha, max_t: 2, grace_period: 3}\n", [], "scheduler.grace_period"),
+    ("scheduler: {name: asha, max_t: 2}\n", [], "scheduler.max_t"),  # on the last one
+    ("set:\n  train.eval_every: 24\n", [], "train.eval_every"),  # one evaluation: no rung
+    ("scheduler: {name: asha, max_t: 1, grace_period: 2}\n", [], "scheduler.grace_period"),
     ("search:\n  train.steps: {choice: [6, 12]}\n", [], "search.train.steps"),  # ASHA
     ("scheduler: {name: asha, grace_period: 0}\n", [], "scheduler.grace_period"),
     ("scheduler: {name: asha, grace_period: 9}\n", [], "scheduler.grace_period"),
@@ -164,7 +166,7 @@ def test_searching_the_budget_without_asha(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, body))
     assert sweep.evaluations == 6  # the most any trial makes: 12 steps, every 2
     assert sweep.page_spec().planned_steps is None
-    assert load_sweep(write_sweep(tmp_path, "scheduler: {name: asha, max_t: 2}\n")).max_t == 2
+    assert load_sweep(write_sweep(tmp_path, "scheduler: {name: asha, max_t: 1}\n")).max_t == 1
 
 
 def test_file_and_base_errors(tmp_path):
@@ -344,6 +346,10 @@ def test_tune_objects(tiny):
     assert scheduler._time_attr == "training_iteration" and scheduler._max_t == tiny.max_t
     # Never stopped for reaching max_t: a trial past the last rung runs to its final report.
     assert scheduler._stop_last_trials is False
+    # Rungs at the 1st and 2nd evaluations of 4 (rf 2 from grace 1 up to max_t 3), none on the
+    # last, where a stop would only throw away a trained trial's final report.
+    (bracket,) = scheduler._brackets
+    assert sorted(milestone for milestone, _ in bracket._rungs) == [1, 2]
     config = tiny.tune_config()
     assert isinstance(config, tune.TuneConfig)
     assert (config.metric, config.mode, config.num_samples) == ("val/R@1", "max", 4)

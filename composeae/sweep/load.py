@@ -20,7 +20,7 @@ scheduler:                    # or just `asha` / `none`
   name: asha
   grace_period: 1
   reduction_factor: 2
-  max_t: null                 # null: the number of evaluations of a trial (see below)
+  max_t: null                 # null: one less than a trial's evaluations (see below)
 searcher: random              # or optuna
 seed: 0                       # searcher seed: the same seed draws the same trials
 max_concurrent_trials: null   # null: as many as the cluster's resources hold
@@ -71,9 +71,11 @@ Top-level keys (only these; anything else is an error):
   the validation recall of its best evaluation, so every report carries `metric`). ASHA
   compares trials at its rungs, `grace_period x reduction_factor^k` reports up to `max_t`, and
   stops a trial that falls below the best `1 / reduction_factor` of those recorded at a rung
-  before it. `grace_period` (default 1) and `max_t` (default: the number of evaluations) are in
-  reports, with `grace_period <= max_t <= evaluations`: rungs sit on evaluations, never on the
-  final report, and a trial that passes the last rung is not stopped, so it always finishes
+  before it. `grace_period` (default 1) and `max_t` (default: one less than the number of
+  evaluations) are in reports, with `grace_period <= max_t < evaluations`: rungs sit on
+  evaluations before the last one (a rung on the last would stop a trial whose training is
+  already done, throwing away its final report), and a trial that passes the last rung is not
+  stopped, so it always finishes
   (test recall, checkpoint, run files). `reduction_factor` defaults to 2. ASHA compares trials at
   equal numbers of evaluations, so it refuses a search over `train.steps` or `train.eval_every`
   (use `scheduler: none` for that).
@@ -400,16 +402,21 @@ def _check_scheduler(raw: dict, evaluations: int) -> dict[str, Any]:
                         f"got {factor!r}")
     max_t = raw.get("max_t")
     if max_t is None:
-        max_t = evaluations
+        max_t = evaluations - 1
     if not isinstance(max_t, int) or isinstance(max_t, bool):
         raise UserError(f"sweep key scheduler.max_t must be an integer (reports) or null, "
                         f"got {max_t!r}")
     if name == "asha":
-        if max_t > evaluations:
+        if evaluations < 2:
             raise UserError(
-                f"sweep key scheduler.max_t={max_t} exceeds the {evaluations} evaluation(s) of "
-                f"a trial: a rung past them would meet the final report; omit it (default "
-                f"{evaluations})")
+                f"scheduler asha needs a trial to evaluate at least twice (it compares trials at "
+                f"evaluations before the last), but train.steps / train.eval_every make "
+                f"{evaluations}; lower train.eval_every in set, or use scheduler: none")
+        if max_t >= evaluations:
+            raise UserError(
+                f"sweep key scheduler.max_t={max_t} puts a rung on or past the last of the "
+                f"{evaluations} evaluations of a trial, where stopping it would only throw away "
+                f"finished training; omit it (default {evaluations - 1})")
         if grace > max_t:
             raise UserError(
                 f"sweep key scheduler.grace_period={grace} exceeds scheduler.max_t={max_t} "
