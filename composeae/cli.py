@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from composeae.data import commands as shard_commands
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray's log deduplication ignores every word with a digit, so it takes the step and
+    # validation lines of a sweep's concurrent trials for repeats: it holds them back and prints
+    # one "[repeated Nx across cluster]" line for all, hiding each trial's figures. Off for the
+    # commands' drivers unless the user sets it (read when Ray is first imported, hence here).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
     # The library's progress messages (e.g. building CSS-synth) as plain lines.
     logging.basicConfig(format="%(message)s", stream=sys.stdout)
