@@ -185,15 +185,20 @@ def test_killed_worker_is_survived(ray_local, tiny_shards, tmp_path, monkeypatch
 
 def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards, tmp_path):
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
-    same metrics, and its final checkpoint loads every time."""
+    same metrics, and its final checkpoint loads every time. The same config again is answered
+    by the driver without starting workers; a changed one (here its log interval) reaches the
+    workers, which restore the final checkpoint and report it again without training."""
     from composeae.checkpoint import load_checkpoint
+    from composeae.config import replace
     from composeae.run.build import model_from_checkpoint
     from composeae.run.driver import run_training
 
     cfg = tiny(tmp_path, tiny_shards, train={"steps": 4, "eval_every": 2},
                ray={"num_to_keep": 1})
-    summaries = [run_training(cfg) for _ in range(5)]
+    summaries = [run_training(cfg) for _ in range(4)]
+    summaries.append(run_training(replace(cfg, train={"log_every": 1})))
     first = summaries[0]
+    assert [s.already_finished for s in summaries] == [False, True, True, True, False]
     for again in summaries[1:]:
         assert again.metrics == first.metrics
         assert again.history == first.history  # no step was trained again

@@ -20,6 +20,7 @@ a Python warnings option for the embedded Ray's processes (`QUIET_WARNINGS`). A 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,8 @@ def wait_for_resources(cfg: Config, poll_s: float = 2.0) -> None:
 def release_ray() -> None:
     """Disconnect from Ray before a command's closing lines, so none of its shutdown chatter
     follows them (inside `ray job submit` this only disconnects the driver)."""
-    import ray  # deferred: see init_ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # not imported: nothing to release (and no import to wait for)
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 

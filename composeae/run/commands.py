@@ -47,6 +47,9 @@ def run_train(args: argparse.Namespace) -> None:
     say(describe(prepared.cfg))
     summary = run_training(prepared)
     release_ray()
+    if summary.already_finished:
+        say(f"run {prepared.cfg.train.name} had already finished (step "
+            f"{summary.metrics['step']}): nothing to train")
     say(format_table(summary.test, f"test recall of {prepared.cfg.model.name} (%), "
                                    f"best step {summary.metrics['best_step']}"))
     say(f"run: {summary.run_url}")

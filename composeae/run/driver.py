@@ -88,6 +88,8 @@ class RunSummary:
     """step, samples_seen, best_step, resumes, score and `test/R@K`."""
     history: list[dict[str, float]]
     """Logged training rows and validation rows, in step order."""
+    already_finished: bool = False
+    """The run had finished before it was submitted again: no worker started."""
 
     @property
     def test(self) -> dict[str, float]:
@@ -165,9 +167,33 @@ def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
     return RunSummary(run_url=url, checkpoint_url=final, metrics=metrics, history=history)
 
 
+def finished_run(prepared: PreparedRun) -> RunSummary | None:
+    """The summary of this very run when it has already finished (its `metrics.json`, written
+    only after the final report, is there, and its `config.yaml` is this config), else None.
+    The workers would only restore the final checkpoint and report it again; answering here
+    spares a resubmission the seconds a worker group takes to start."""
+    cfg = prepared.cfg
+    url = run_url(cfg)
+    config_url, metrics_url = (storage.join(url, name)
+                               for name in (layout.CONFIG_FILE, layout.METRICS_FILE))
+    if not (storage.exists(metrics_url) and storage.exists(config_url)
+            and storage.read_text(config_url) == dump_config(cfg)):
+        return None
+    metrics = json.loads(storage.read_text(metrics_url))
+    history_url = storage.join(metrics.get("checkpoint") or url, layout.HISTORY_FILE)
+    if not storage.exists(history_url):
+        return None
+    return RunSummary(run_url=url, checkpoint_url=metrics["checkpoint"], metrics=metrics,
+                      history=json.loads(storage.read_text(history_url)), already_finished=True)
+
+
 def run_training(cfg: Config | PreparedRun) -> RunSummary:
-    """Prepare (unless given a prepared run), start or join Ray, train, and finish the run."""
+    """Prepare (unless given a prepared run), start or join Ray, train, and finish the run (a
+    run that has already finished is returned as it is, without starting Ray)."""
     prepared = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg)
+    done = finished_run(prepared)
+    if done is not None:
+        return done
     init_ray(prepared.cfg)
     wait_for_resources(prepared.cfg)
     check_node_files(prepared.cfg)
