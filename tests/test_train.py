@@ -187,7 +187,9 @@ def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards,
     """The drill: one run submitted five times with num_to_keep 1 succeeds every time with the
     same metrics, and its final checkpoint loads every time. The same config again is answered
     by the driver without starting workers; a changed one (here its log interval) reaches the
-    workers, which restore the final checkpoint and report it again without training."""
+    workers, which restore the final checkpoint and report it again without training. A driver
+    killed after the report but before `metrics.json` (written last) leaves a run that the
+    next submission finishes again through the workers."""
     from composeae.checkpoint import load_checkpoint
     from composeae.config import replace
     from composeae.run.build import model_from_checkpoint
@@ -197,15 +199,18 @@ def test_resubmitting_a_finished_run_five_times_keeps_it(ray_local, tiny_shards,
                ray={"num_to_keep": 1})
     summaries = [run_training(cfg) for _ in range(4)]
     summaries.append(run_training(replace(cfg, train={"log_every": 1})))
+    run = tmp_path / "runs" / "tiny"
+    (run / "metrics.json").unlink()  # what a driver killed within `finish_run` can leave
+    summaries.append(run_training(cfg))
     first = summaries[0]
-    assert [s.already_finished for s in summaries] == [False, True, True, True, False]
+    assert [s.already_finished for s in summaries] == [False, True, True, True, False, False]
+    assert (run / "report.html").is_file()
     for again in summaries[1:]:
         assert again.metrics == first.metrics
         assert again.history == first.history  # no step was trained again
         model, _ = model_from_checkpoint(load_checkpoint(again.checkpoint_url))
         assert model.registered_name == "composeae"
     assert first.metrics["resumes"] == 0
-    run = tmp_path / "runs" / "tiny"
     assert json.loads((run / "metrics.json").read_text()) == first.metrics
     assert (run / "final" / "model.pt").is_file()
 

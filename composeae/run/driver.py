@@ -147,24 +147,34 @@ def checkpoint_url(cfg: Config, checkpoint) -> str:
     return storage.join(run_url(cfg), Path(checkpoint.path).name)
 
 
+def _summary(url: str, metrics: dict[str, Any], already_finished: bool = False) -> RunSummary:
+    """A finished run's summary from its metrics (they name the final checkpoint, which holds
+    the history)."""
+    final = metrics["checkpoint"]
+    history = json.loads(storage.read_text(storage.join(final, layout.HISTORY_FILE)))
+    return RunSummary(run_url=url, checkpoint_url=final, metrics=metrics, history=history,
+                      already_finished=already_finished)
+
+
 def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
-    """Check the run ended with its final report; write `metrics.json` and `report.html`."""
+    """Check the run ended with its final report; write `report.html`, then `metrics.json`
+    (last: its presence marks the run finished, so a driver killed between the two leaves a run
+    that a resubmission finishes again rather than one without its report)."""
     cfg = absolute_paths(cfg or prepared.cfg)
     if result.checkpoint is None or not (result.metrics or {}).get(layout.FINAL_FLAG):
         raise RuntimeError(f"run {cfg.train.name} ended without its final report")
     url = run_url(cfg)
-    final = checkpoint_url(cfg, result.checkpoint)
-    history = json.loads(storage.read_text(storage.join(final, layout.HISTORY_FILE)))
     metrics = {k: v for k, v in result.metrics.items() if k != layout.FINAL_FLAG}
-    metrics["checkpoint"] = final
+    metrics["checkpoint"] = checkpoint_url(cfg, result.checkpoint)
+    summary = _summary(url, metrics)
     text = json.dumps(metrics, indent=2) + "\n"
     metrics_url = storage.join(url, layout.METRICS_FILE)
     # A resubmitted finished run ends with the same metrics: its files stay as they are.
     if not storage.exists(metrics_url) or storage.read_text(metrics_url) != text:
+        write_report(storage.join(url, layout.REPORT_FILE), cfg, summary.history, metrics,
+                     retrievals=load_retrievals(summary.checkpoint_url))
         storage.write_text(metrics_url, text)
-        write_report(storage.join(url, layout.REPORT_FILE), cfg, history, metrics,
-                     retrievals=load_retrievals(final))
-    return RunSummary(run_url=url, checkpoint_url=final, metrics=metrics, history=history)
+    return summary
 
 
 def finished_run(prepared: PreparedRun) -> RunSummary | None:
@@ -172,19 +182,13 @@ def finished_run(prepared: PreparedRun) -> RunSummary | None:
     only after the final report, is there, and its `config.yaml` is this config), else None.
     The workers would only restore the final checkpoint and report it again; answering here
     spares a resubmission the seconds a worker group takes to start."""
-    cfg = prepared.cfg
-    url = run_url(cfg)
+    url = run_url(prepared.cfg)
     config_url, metrics_url = (storage.join(url, name)
                                for name in (layout.CONFIG_FILE, layout.METRICS_FILE))
     if not (storage.exists(metrics_url) and storage.exists(config_url)
-            and storage.read_text(config_url) == dump_config(cfg)):
+            and storage.read_text(config_url) == dump_config(prepared.cfg)):
         return None
-    metrics = json.loads(storage.read_text(metrics_url))
-    history_url = storage.join(metrics.get("checkpoint") or url, layout.HISTORY_FILE)
-    if not storage.exists(history_url):
-        return None
-    return RunSummary(run_url=url, checkpoint_url=metrics["checkpoint"], metrics=metrics,
-                      history=json.loads(storage.read_text(history_url)), already_finished=True)
+    return _summary(url, json.loads(storage.read_text(metrics_url)), already_finished=True)
 
 
 def run_training(cfg: Config | PreparedRun) -> RunSummary:
