@@ -184,7 +184,7 @@ def test_elastic_group_shrinks_with_a_lost_node_and_grows_when_it_returns(cluste
     8 + 8 on two workers, 16 on one)."""
     run = "s3://multinode/runs/elastic"
     # Long enough that the lone worker is still training when node B is back: on 2 cores it
-    # trains about 5 steps/s, and in a timed run the group grew back from the step-100 checkpoint.
+    # trains about 5 steps/s, and in a timed run the group grew back from step 100.
     steps = 250
     proc = train(cluster, f"data.url={s3_shards}", "train.storage=s3://multinode/runs",
                  "train.name=elastic", "ray.placement_strategy=SPREAD", "ray.num_workers=[1, 2]",
