@@ -29,9 +29,10 @@ def register(subparsers) -> None:
 
     synth = commands.add_parser("synth", help="generate the CSS-synth benchmark")
     synth.add_argument("--out", required=True, metavar="URL", help=_URL_HELP)
-    synth.add_argument("--preset", default="small", choices=("tiny", "small", "full"),
-                       help="tiny (tests), small (demo), full (about TIRG's CSS size); "
-                            "default small")
+    synth.add_argument("--preset", default="small",
+                       choices=("tiny", "small", "full", "catalogue"),
+                       help="tiny (tests), small (demo), full (about TIRG's CSS size), "
+                            "catalogue (208,000 test gallery images); default small")
     synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.add_argument("--image-size", type=int, default=64, help="image side in px (default 64)")
     synth.add_argument("--workers", type=int, default=1, metavar="N",

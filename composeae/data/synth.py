@@ -85,6 +85,12 @@ PRESETS = {
     "small": Preset(train_sources=2000, val_sources=200, test_sources=200, shard_size=500),
     # About the size of TIRG's CSS: ~16k training triplets and ~16k test queries.
     "full": Preset(train_sources=5400, val_sources=400, test_sources=5400, shard_size=1000),
+    # A catalogue-sized test gallery: 13,000 sources x 16 scenes = 208,000 gallery images (39,000
+    # queries) for measuring search at scale. Train and val are `small`'s very scenes (the same
+    # seed draws them first, alike), so a model trained on `small` is evaluated on unseen test
+    # scenes here.
+    "catalogue": Preset(train_sources=2000, val_sources=200, test_sources=13000,
+                        shard_size=2000),
 }
 
 
