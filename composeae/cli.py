@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from composeae import __version__
+from composeae.config import add_override_option, format_resolved, resolve_config
 from composeae.data import commands as shard_commands
 from composeae.errors import UserError
 from composeae.nightly import commands as nightly_commands
@@ -29,13 +31,28 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<22} {summary}")
 
 
+def _cmd_config_show(args: argparse.Namespace) -> None:
+    resolved = resolve_config(args.config, args.set)
+    print(format_resolved(resolved, f"{args.config}, resolved (defaults < file < profile "
+                                    f"{resolved.cfg.ray.profile} < --set)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="composeae", description="Composed image retrieval (ComposeAE and baselines) on Ray.")
+    parser.add_argument("--version", action="version", version=f"composeae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered models")
     p.set_defaults(func=_cmd_models)
+    config = sub.add_parser("config", help="inspect an experiment config "
+                                           "(every key: docs/config.md)")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="the resolved config as YAML, with the source of "
+                                           "each value (default, file, profile, --set, derived)")
+    p.add_argument("--config", required=True, help="experiment YAML (jobs/configs/*.yaml)")
+    add_override_option(p)
+    p.set_defaults(func=_cmd_config_show)
     shard_commands.register(sub)
     run_commands.register(sub)
     sweep_commands.register(sub)

@@ -48,6 +48,7 @@ def parse_value(text: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """`data`: the dataset and how its shards are streamed to the workers."""
     url: str = "shards/css-synth-small"
     """Dataset root: a local directory or `s3://bucket/prefix` holding `manifest.json`."""
     image_size: int = 64
@@ -75,6 +76,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """`model`: the model and its encoders (`composeae models` lists the models)."""
     name: str = "composeae"
     """Registered model name (`composeae models` lists them)."""
     embed_dim: int = 512
@@ -128,6 +130,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """`loss`: the base metric-learning loss and the weights of the auxiliary terms."""
     base: Literal["batch_classification", "soft_triplet"] = "batch_classification"
     """Metric-learning loss between composed queries and targets."""
     init_scale: float = 4.0
@@ -151,6 +154,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """`optim`: the optimizer and the learning-rate schedule."""
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     """Optimizer; the paper's is SGD with momentum 0.9."""
     lr: float = 1e-2
@@ -175,15 +179,21 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """`train`: the run: its name and storage, length, batch, evaluation cadence."""
     name: str = "composeae-demo"
-    """Run name: a second submission with the same name and storage resumes it."""
+    """Run name: a second submission with the same name and storage resumes the run as it was
+    started (its own config; only the `ray` section is the new submission's) or, when it has
+    finished, trains nothing; a line names the keys that differ."""
     storage: str = "runs"
-    """Where runs live: a local directory or `s3://bucket/prefix`."""
+    """Where runs live: a local directory or `s3://bucket/prefix`; on a cluster an absolute path
+    every node sees, or `s3://` (never inside a job's temporary working-directory copy)."""
     steps: int = 1000
     """Total optimizer steps."""
     batch_size: int = 32
-    """Batch size per rank (at the largest world size of an elastic `ray.num_workers`: the
-    global batch, this x the most workers, stays the same when the group shrinks or grows)."""
+    """Batch per worker. The global batch is this x the most workers of `ray.num_workers` (it
+    stays the same when an elastic group shrinks or grows). The experiment file fixes the global
+    batch: when a profile or `--set ray.num_workers` changes the workers, this is derived (the
+    file's global batch / the workers); only `--set train.batch_size` changes the global batch."""
     eval_every: int = 250
     """Evaluate on the validation split and checkpoint every this many steps."""
     log_every: int = 20
@@ -199,6 +209,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """`eval`: recall@K during and after training; the metric that picks the best weights."""
     ks: tuple[int, ...] = (1, 5, 10, 50)
     """Cut-offs K reported as R@K."""
     val_split: str = "val"
@@ -209,12 +220,13 @@ class EvalConfig:
     """Embedding batch size per rank."""
     chunk_size: int = 1024
     """Queries scored at once in recall@K (bounds memory for large galleries)."""
-    selection_metric: str = "R@1"
-    """Validation metric that picks the best checkpoint."""
+    selection_metric: str = "val/R@1"
+    """Validation metric that picks the best checkpoint: `val/R@K` for a K of `ks`."""
 
 
 @dataclass(frozen=True)
 class RayConfig:
+    """`ray`: where and on what the workers run (profiles of `ray_config.yaml` set these)."""
     profile: str = "local"
     """Profile of `ray_config.yaml` applied on top of the file (before `--set`)."""
     address: str | None = None
@@ -238,23 +250,26 @@ class RayConfig:
     max_failures: int = 1
     """Worker-group failures survived by restarting from the last checkpoint."""
     num_to_keep: int = 2
-    """Checkpoints kept (the best by validation `selection_metric`)."""
+    """Checkpoints kept (the best by `eval.selection_metric`)."""
 
 
 @dataclass(frozen=True)
 class NightlyConfig:
+    """`nightly`: champion against challenger, the model registry, the night's new data."""
     registry: str = "runs/registry"
-    """The model registry: a local directory or `s3://bucket/prefix`."""
+    """The model registry: a local directory or `s3://bucket/prefix` (on a cluster: an absolute
+    path every node sees, or `s3://`)."""
     alias: str = "champion"
     """The alias that names the model in service; the nightly job promotes to it."""
     split: str = "test"
     """The frozen split both models are scored on: neither picked its weights on it, and new
     data is only ever appended to the training split."""
     metric: str | None = None
-    """The recall that decides promotion (default: `eval.selection_metric`)."""
-    margin: float = 0.005
-    """Promote when the challenger's metric beats the champion's by more than this (absolute;
-    0.005 is half a point of R@1). Negative accepts a small regression."""
+    """The recall that decides promotion, `<split>/R@K` on `split` (e.g. `test/R@1`; default:
+    the R@K of `eval.selection_metric` on `split`)."""
+    margin_points: float = 0.5
+    """Promote when the challenger's metric beats the champion's by more than this many percent
+    points (0.5: half a point of R@1). Negative accepts a small regression."""
     warm_start: bool = True
     """Start the challenger from the champion's weights and tokenizer; false: from scratch."""
     new_data: Literal["none", "synth_day"] = "none"
@@ -316,13 +331,15 @@ def validate(cfg: Config) -> None:
         raise UserError("config key model.bert_hidden must be a multiple of model.bert_heads")
     if not cfg.eval.ks or any(k <= 0 for k in cfg.eval.ks):
         raise UserError(f"config key eval.ks must be positive integers, got {cfg.eval.ks!r}")
-    if cfg.eval.selection_metric not in {f"R@{k}" for k in cfg.eval.ks}:
+    if cfg.eval.selection_metric not in {f"val/R@{k}" for k in cfg.eval.ks}:
         raise UserError(
             f"config key eval.selection_metric={cfg.eval.selection_metric!r} is not one of "
-            f"R@K for eval.ks={list(cfg.eval.ks)}")
-    if cfg.nightly.metric is not None and cfg.nightly.metric not in {f"R@{k}" for k in cfg.eval.ks}:
-        raise UserError(f"config key nightly.metric={cfg.nightly.metric!r} is not one of R@K "
-                        f"for eval.ks={list(cfg.eval.ks)}")
+            f"val/R@K for eval.ks={list(cfg.eval.ks)}")
+    split = cfg.nightly.split
+    if cfg.nightly.metric is not None and cfg.nightly.metric not in {
+            f"{split}/R@{k}" for k in cfg.eval.ks}:
+        raise UserError(f"config key nightly.metric={cfg.nightly.metric!r} is not one of "
+                        f"{split}/R@K (nightly.split {split!r}) for eval.ks={list(cfg.eval.ks)}")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", cfg.nightly.alias):
         raise UserError(f"config key nightly.alias must be a name (letters, digits, '_.-'), "
                         f"got {cfg.nightly.alias!r}")
@@ -403,10 +420,66 @@ def _build_section(section_cls: type, name: str, raw: Any) -> Any:
     return section_cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()})
 
 
+# -- keys and values whose spelling or unit changed ---------------------------------------------
+RENAMED_KEYS = {"nightly.margin": ("nightly.margin_points", 100.0)}
+"""Old key -> (new key, factor from the old unit to the new): a key whose unit changes gets a new
+name, and a person's config naming the old one is refused (`refuse_old_spellings`)."""
+RESPELLED_METRICS = {"eval.selection_metric": "val", "nightly.metric": "split"}
+"""Metric keys once spelled `R@K`, now `<split>/R@K`: `val`, or `nightly.split`'s value."""
+
+
+def _old_spellings(raw: dict[str, Any], split: str | None = None
+                   ) -> list[tuple[str, str, Any, str]]:
+    """(old key, new key, new value, why) for every old spelling in a nested config dict
+    (`split`: the nightly split an old `nightly.metric` is on, default the dict's own)."""
+    split = split or str((raw.get("nightly") or {}).get("split", NightlyConfig.split))
+    found = []
+    for old, (new, factor) in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        values = raw.get(section) or {}
+        if isinstance(values, dict) and key in values:
+            value = values[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            found.append((old, new, value * factor if number else value,
+                          f"{old} is now {new} (percent points: {value!r} -> "
+                          f"{value * factor if number else '?'})"))
+    for dotted in RESPELLED_METRICS:
+        section, key = dotted.split(".")
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and re.fullmatch(r"R@\d+", value):
+            new = f"{'val' if RESPELLED_METRICS[dotted] == 'val' else split}/{value}"
+            found.append((dotted, dotted, new, f"{dotted}: {value!r} is now spelled {new!r}"))
+    return found
+
+
+def refuse_old_spellings(raw: dict[str, Any], where: str, split: str | None = None) -> None:
+    """One line naming the new key or spelling when a person's config (`where`: a file or
+    `--set`) uses an old one, so no existing config silently means something else."""
+    for _, _, _, why in _old_spellings(raw, split):
+        raise UserError(f"{where}: {why}")
+
+
+def upgrade_stored(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config the project wrote earlier (a checkpoint's, a run's `config.yaml`) with its old
+    spellings translated: their units are known, so nothing is guessed."""
+    found = _old_spellings(raw)
+    if not found:
+        return raw
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new, value, _ in found:
+        section, key = old.split(".")
+        del merged[section][key]
+        new_section, new_key = new.split(".")
+        merged.setdefault(new_section, {})[new_key] = value
+    return merged
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a `Config` from a nested dict (a parsed YAML file)."""
+    """Build and validate a `Config` from a nested dict (a parsed YAML file, or a config the
+    project stored, whose old spellings are translated: `upgrade_stored`)."""
     if not isinstance(raw, dict):
         raise UserError("config must be a mapping of sections")
+    raw = upgrade_stored(raw)
     hints = typing.get_type_hints(Config)
     for name in raw:
         if name not in hints:
@@ -486,23 +559,115 @@ def apply_profile(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply the `ray.profile` of
-    ray_config.yaml, then the `section.key=value` overrides."""
+DEFAULT, FILE, SET, DERIVED = "default", "file", "--set", "derived"
+"""Where a resolved value came from (a profile's values: `profile <name>`)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A loaded config, where each of its values came from, and the global batch's story."""
+    cfg: Config
+    sources: dict[str, str]
+    """`section.key` -> DEFAULT, FILE, `profile <name>`, SET or DERIVED."""
+    batch_note: str
+    """One line: the global and per-worker batch, and why they differ from the file's if so."""
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in raw.items()
+            for key, value in (values or {}).items()}
+
+
+def resolve_config(path: str | Path | None, overrides: list[str] = ()) -> Resolved:
+    """`load_config`, and where each value came from: defaults < experiment file < the
+    `ray.profile` of ray_config.yaml < `--set`. A profile is about where a run goes, so when it
+    (or `--set ray.num_workers`) changes the workers, the per-worker `train.batch_size` is
+    derived to keep the global batch the experiment file implies; only `--set
+    train.batch_size` changes that."""
     raw: dict[str, Any] = {}
+    what = "the defaults"
     if path is not None:
+        what = str(path)
         raw = _read_yaml(Path(path), "config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections")
         for name, section in raw.items():
             if section is not None and not isinstance(section, dict):
                 raise UserError(f"config section {name} must be a mapping, got {section!r}")
+        refuse_old_spellings(raw, f"config file {path}")
     overrides = list(overrides)
-    with_overrides = apply_overrides(raw, overrides)
-    profile = (with_overrides.get("ray") or {}).get("profile", RayConfig.profile)
+    set_only, with_set = apply_overrides({}, overrides), apply_overrides(raw, overrides)
+    refuse_old_spellings(set_only, "--set", split=(with_set.get("nightly") or {}).get("split"))
+    profile = (with_set.get("ray") or {}).get("profile", RayConfig.profile)
     if not isinstance(profile, str):
         raise UserError(f"config key ray.profile must be a profile name, got {profile!r}")
-    return config_from_dict(apply_overrides(apply_profile(raw, profile), overrides))
+    profiled = apply_profile(raw, profile)
+    merged = apply_overrides(profiled, overrides)
+    defaults, in_file = _flatten(config_to_dict(Config())), _flatten(raw)
+    sources = {key: DEFAULT for key in defaults} | {key: FILE for key in in_file}
+    sources |= {key: f"profile {profile}" for key, value in _flatten(profiled).items()
+                if value != in_file.get(key, defaults.get(key))}
+    sources |= {key: SET for key in _flatten(set_only)}
+    note = _derive_batch(raw, merged, sources, what)
+    return Resolved(config_from_dict(merged), sources, note)
+
+
+def _max_workers(raw: dict[str, Any]) -> int:
+    n = (raw.get("ray") or {}).get("num_workers", RayConfig.num_workers)
+    if isinstance(n, (list, tuple)) and n:
+        n = n[-1]
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+def _derive_batch(raw: dict[str, Any], merged: dict[str, Any], sources: dict[str, str],
+                  what: str) -> str:
+    """Set the per-worker batch in `merged` so the file's global batch holds (see
+    `resolve_config`); returns the one line that states the batch."""
+    file_batch = (raw.get("train") or {}).get("batch_size", TrainConfig.batch_size)
+    file_workers, workers = _max_workers(raw), _max_workers(merged)
+    batch = (merged.get("train") or {}).get("batch_size", TrainConfig.batch_size)
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in (file_batch, batch)):
+        return ""  # not a number: building the config names the key
+    implied = file_batch * file_workers
+    kept = f"{what}: {file_workers} worker(s) x {file_batch}"
+    if workers == file_workers or sources["train.batch_size"] == SET:
+        line = f"global batch {batch * workers} = {workers} worker(s) x {batch}"
+        return line if workers == file_workers and batch == file_batch else (
+            f"{line} (train.batch_size set by --set; {kept} = {implied})")
+    if implied % workers:
+        raise UserError(f"the global batch {implied} of {kept} cannot be split evenly over the "
+                        f"{workers} workers of ray.num_workers ({sources['ray.num_workers']}); "
+                        f"set train.batch_size (per worker) with --set")
+    merged.setdefault("train", {})["batch_size"] = implied // workers
+    sources["train.batch_size"] = DERIVED
+    return (f"global batch {implied} = {workers} worker(s) x {implied // workers} "
+            f"(kept from {kept})")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply the `ray.profile` of
+    ray_config.yaml, then the `section.key=value` overrides (`resolve_config` says where each
+    value came from)."""
+    return resolve_config(path, overrides).cfg
+
+
+def nightly_metric(cfg: Config) -> str:
+    """The `<split>/R@K` that decides a nightly promotion (`nightly.metric` or its default)."""
+    return cfg.nightly.metric or (
+        f"{cfg.nightly.split}/{cfg.eval.selection_metric.removeprefix('val/')}")
+
+
+def format_resolved(resolved: Resolved, title: str) -> str:
+    """The resolved config as YAML, each value followed by a comment naming its source
+    (`composeae config show`)."""
+    lines = [f"# {title}", f"# {resolved.batch_note}"] if resolved.batch_note else [f"# {title}"]
+    for section, values in config_to_dict(resolved.cfg).items():
+        lines.append(f"{section}:")
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            text = text.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {f'{key}: {text}':<44} # {resolved.sources[f'{section}.{key}']}")
+    return "\n".join(lines)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

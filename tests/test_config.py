@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
-from composeae.config import Config, dump_config, load_config
+from composeae.config import (Config, config_from_dict, config_to_dict, dump_config,
+                              load_config, nightly_metric, replace, worker_range)
 from composeae.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
 
 def write(tmp_path, text: str):
@@ -19,7 +24,7 @@ def write(tmp_path, text: str):
 
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "model:\n  name: tirg\ntrain:\n  steps: 7\n"),
-                      ["optim.lr=0.5", "eval.ks=[1, 10]", "eval.selection_metric=R@10",
+                      ["optim.lr=0.5", "eval.ks=[1, 10]", "eval.selection_metric=val/R@10",
                        "model.bert_path=null"])
     assert cfg.model.name == "tirg" and cfg.train.steps == 7
     assert cfg.optim.lr == 0.5 and cfg.eval.ks == (1, 10)
@@ -49,7 +54,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("", ["train.steps=2.5"], "train.steps"),
     ("", ["model.freeze_text=maybe"], "model.freeze_text"),
     ("", ["data.text_mode=caption"], "data.text_mode"),
-    ("", ["eval.selection_metric=R@7"], "eval.selection_metric"),
+    ("", ["eval.selection_metric=val/R@7"], "eval.selection_metric"),
     ("", ["train.name=a/b"], "train.name"),
     ("", ["optim.lr"], "optim.lr"),
     ("model: [1, 2]\n", [], "model"),
@@ -107,7 +112,7 @@ def test_cluster_profile_moves_stores_to_s3():
     assert cluster.train.storage.startswith("s3://")
     assert cluster.ray.use_gpu and cluster.ray.profile == "cluster"
     # --set still wins over the profile.
-    assert load_config(tiny, ["ray.profile=cluster", "ray.num_workers=3"]).ray.num_workers == 3
+    assert load_config(tiny, ["ray.profile=cluster", "ray.num_workers=8"]).ray.num_workers == 8
     with pytest.raises(UserError, match="ray.profile"):
         load_config(tiny, ["ray.profile=moon"])
 
@@ -145,3 +150,73 @@ def test_an_elastic_range_keeps_the_global_batch_and_round_trips(tmp_path):
     assert load_config(path, []) == cfg
     fixed = load_config(None, ["ray.num_workers=3", "train.batch_size=8"])
     assert worker_range(fixed.ray) == (3, 3) and global_batch(fixed) == 24
+
+
+def test_config_show_names_the_source_of_every_value():
+    from composeae.config import format_resolved, resolve_config
+
+    resolved = resolve_config(CONFIGS / "demo.yaml", ["ray.profile=cluster", "optim.lr=0.002"])
+    sources = resolved.sources
+    assert sources["optim.lr"] == "--set" and sources["optim.name"] == "file"
+    assert sources["optim.momentum"] == "default"
+    assert sources["ray.num_workers"] == sources["data.url"] == "profile cluster"
+    assert sources["train.batch_size"] == "derived"
+    text = format_resolved(resolved, "demo")
+    assert "  lr: 0.002" in text and text.count("# --set") == 2  # optim.lr and ray.profile
+    # The text is the config: read back as YAML, it loads to the same tree.
+    assert config_from_dict(yaml.safe_load(text)) == resolved.cfg
+    assert resolve_config(CONFIGS / "demo.yaml").sources["data.url"] == "file"
+
+
+def test_a_profile_keeps_the_global_batch_of_the_experiment_file():
+    from composeae.config import global_batch, resolve_config
+
+    demo = resolve_config(CONFIGS / "demo.yaml")  # 2 workers x 32
+    assert demo.batch_note == "global batch 64 = 2 worker(s) x 32"
+    for overrides, workers in ((["ray.profile=cluster"], 4), (["ray.profile=gpu"], 1),
+                               (["ray.num_workers=8"], 8)):
+        moved = resolve_config(CONFIGS / "demo.yaml", overrides)
+        assert worker_range(moved.cfg.ray)[1] == workers and global_batch(moved.cfg) == 64
+        assert moved.cfg.train.batch_size == 64 // workers
+        assert moved.batch_note.startswith(f"global batch 64 = {workers} worker(s) x "
+                                           f"{64 // workers} (kept from ")
+    # Only an explicit per-worker batch changes the global batch, and the line says so.
+    explicit = resolve_config(CONFIGS / "demo.yaml", ["ray.profile=cluster",
+                                                      "train.batch_size=32"])
+    assert global_batch(explicit.cfg) == 128 and "set by --set" in explicit.batch_note
+    with pytest.raises(UserError, match="global batch 64 .* cannot be split evenly over the 3"):
+        load_config(CONFIGS / "demo.yaml", ["ray.num_workers=3"])
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    ("nightly:\n  margin: 0.005\n", [], "nightly.margin is now nightly.margin_points "
+                                        "(percent points: 0.005 -> 0.5)"),
+    ("", ["nightly.margin=0.01"], "nightly.margin_points"),
+    ("eval:\n  selection_metric: R@10\n  ks: [1, 10]\n", [], "'R@10' is now spelled 'val/R@10'"),
+    ("nightly:\n  split: val\n", ["nightly.metric=R@1"], "'R@1' is now spelled 'val/R@1'"),
+    ("", ["nightly.metric=val/R@1"], "nightly.metric='val/R@1' is not one of test/R@K"),
+])
+def test_old_names_and_spellings_are_refused_naming_the_new_one(tmp_path, text, overrides,
+                                                                 needle):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_configs_the_project_stored_are_read_with_their_old_spellings():
+    stored = config_to_dict(load_config(None))
+    stored["nightly"] = {k: v for k, v in stored["nightly"].items() if k != "margin_points"}
+    stored["nightly"] |= {"margin": 0.02, "metric": "R@5"}
+    stored["eval"]["selection_metric"] = "R@10"
+    cfg = config_from_dict(stored)
+    assert cfg.nightly.margin_points == pytest.approx(2.0)
+    assert (cfg.nightly.metric, cfg.eval.selection_metric) == ("test/R@5", "val/R@10")
+    assert nightly_metric(replace(cfg, nightly={"metric": None})) == "test/R@10"
+
+
+def test_one_metric_spelling_across_experiment_sweep_and_nightly_files():
+    texts = {p: p.read_text() for p in CONFIGS.rglob("*.yaml")}
+    spelled = [re.search(r"^\s*(selection_metric|metric):\s*(\S+)", t, re.M) for t in texts.values()]
+    values = {m.group(2) for m in spelled if m}
+    assert values and all(re.fullmatch(r"(val|test)/R@\d+", v) for v in values), values
+    assert not [p for p, t in texts.items() if re.search(r"^\s*margin:", t, re.M)]

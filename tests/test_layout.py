@@ -17,10 +17,10 @@ LAYERS = {
     "composeae.data": 1, "composeae.models": 1,
     "composeae.evaluate": 2,
     "composeae.report": 3,
-    "composeae.run": 4,
+    "composeae.run": 4, "composeae.api": 4,
     "composeae.registry": 5, "composeae.serve": 5,
     "composeae.sweep": 6, "composeae.nightly": 6,
-    "composeae.cli": 7, "composeae.testing": 7,
+    "composeae.cli": 7, "composeae.reference": 7, "composeae.testing": 7,
 }
 """foundation -> data, models -> evaluate -> report -> run -> registry, serve -> sweep, nightly -> cli.
 The registry (versions and aliases in storage) stands below nightly, which registers and promotes

@@ -60,7 +60,7 @@ def test_nights_promote_keep_skip_and_roll_back(ray_local, s3_bucket, tmp_path):
     assert registry.versions() == [1]
 
     # New data, a margin no challenger can meet: registered, not promoted, warm-started.
-    kept = run_night(replace(cfg, nightly={"margin": 1.0}), "2026-11-28")
+    kept = run_night(replace(cfg, nightly={"margin_points": 100.0}), "2026-11-28")
     assert kept.status == "kept" and kept.reason.endswith("not promoted")
     v2 = registry.version(2)
     assert v2["parent"] == 1 and v2["decision"]["champion"] == 1
@@ -72,7 +72,7 @@ def test_nights_promote_keep_skip_and_roll_back(ray_local, s3_bucket, tmp_path):
     assert set(kept.tables) == {"champion", "challenger"}
 
     # A margin any challenger meets: promoted.
-    promoted = run_night(replace(cfg, nightly={"margin": -1.0}), "2026-11-29")
+    promoted = run_night(replace(cfg, nightly={"margin_points": -100.0}), "2026-11-29")
     assert promoted.status == "promoted" and promoted.version["version"] == 3
     assert registry.aliases().aliases == {"champion": 3}
     report = json.loads(storage.read_text(f"{registry_url}/reports/2026-11-29.json"))

@@ -13,7 +13,7 @@
    settings changed.
 4. Champion and challenger are scored on the same frozen split in one evaluation job.
 5. The challenger is registered with the decision; it is promoted to `nightly.alias` only when
-   it beats the champion's `nightly.metric` by more than `nightly.margin`, and then only after
+   it beats the champion's `nightly.metric` by more than `nightly.margin_points`, and then only after
    its gallery index (`composeae.serve.index`) is built, so the service never follows the
    alias to a model without one.
 6. A report (JSON and HTML) goes to the registry's `reports/<date>.*` and `reports/latest.html`.
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from composeae import storage
-from composeae.config import Config, config_to_dict, replace, worker_range
+from composeae.config import Config, config_to_dict, nightly_metric, replace, worker_range
 from composeae.data.revisions import append_synth_day, fingerprint, parse_day
 from composeae.data.shardset import read_manifest
 from composeae.nightly.report import write_night_report
@@ -168,8 +168,9 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
              cfg.data.url, n.split)
     tables = evaluate_checkpoints(checkpoints, cfg.data.url, split=n.split,
                                   num_workers=worker_range(cfg.ray)[0])
-    key = f"{n.split}/{n.metric or cfg.eval.selection_metric}"
-    promote, reason = decide(tables[0], tables[1] if champion else None, key, n.margin)
+    key = nightly_metric(cfg)
+    promote, reason = decide(tables[0], tables[1] if champion else None, key,
+                             n.margin_points / 100)  # tables hold fractions
     record = {
         "date": night,
         "model": cfg.model.name,
@@ -180,7 +181,7 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
         "run_url": summary.run_url,
         "parent": champion["version"] if init_from else None,
         "decision": {"alias": n.alias, "promote": promote, "reason": reason, "metric": key,
-                     "margin": n.margin,
+                     "margin": n.margin_points / 100,
                      "champion": champion["version"] if champion else None,
                      "champion_table": tables[1] if champion else None},
     }

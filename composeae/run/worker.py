@@ -408,7 +408,7 @@ class _Worker:
                            rank=self.rank, world_size=self.world_size, device=self.device,
                            precision=cfg.train.precision)
             metrics |= {f"val/{k}": v for k, v in val.items()}
-            score = val[cfg.eval.selection_metric]
+            score = metrics[cfg.eval.selection_metric]  # `val/R@K`
         else:
             score = float(state.step)  # no validation split: the latest is the best
         if score > state.best_score:
