@@ -571,6 +571,8 @@ class Resolved:
     """`section.key` -> DEFAULT, FILE, `profile <name>`, SET or DERIVED."""
     batch_note: str
     """One line: the global and per-worker batch, and why they differ from the file's if so."""
+    batch_moved: bool = False
+    """The workers or the per-worker batch differ from the file's (the line says how)."""
 
 
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
@@ -608,8 +610,8 @@ def resolve_config(path: str | Path | None, overrides: list[str] = ()) -> Resolv
     sources |= {key: f"profile {profile}" for key, value in _flatten(profiled).items()
                 if value != in_file.get(key, defaults.get(key))}
     sources |= {key: SET for key in _flatten(set_only)}
-    note = _derive_batch(raw, merged, sources, what)
-    return Resolved(config_from_dict(merged), sources, note)
+    note, moved = _derive_batch(raw, merged, sources, what)
+    return Resolved(config_from_dict(merged), sources, note, moved)
 
 
 def _max_workers(raw: dict[str, Any]) -> int:
@@ -620,28 +622,30 @@ def _max_workers(raw: dict[str, Any]) -> int:
 
 
 def _derive_batch(raw: dict[str, Any], merged: dict[str, Any], sources: dict[str, str],
-                  what: str) -> str:
+                  what: str) -> tuple[str, bool]:
     """Set the per-worker batch in `merged` so the file's global batch holds (see
-    `resolve_config`); returns the one line that states the batch."""
+    `resolve_config`); returns the one line that states the batch, and whether the workers or
+    the per-worker batch moved from the file's."""
     file_batch = (raw.get("train") or {}).get("batch_size", TrainConfig.batch_size)
     file_workers, workers = _max_workers(raw), _max_workers(merged)
     batch = (merged.get("train") or {}).get("batch_size", TrainConfig.batch_size)
     if not all(isinstance(b, int) and not isinstance(b, bool) for b in (file_batch, batch)):
-        return ""  # not a number: building the config names the key
+        return "", False  # not a number: building the config names the key
     implied = file_batch * file_workers
-    kept = f"{what}: {file_workers} worker(s) x {file_batch}"
+    kept = f"{what}: {file_workers} x {file_batch}"
     if workers == file_workers or sources["train.batch_size"] == SET:
-        line = f"global batch {batch * workers} = {workers} worker(s) x {batch}"
-        return line if workers == file_workers and batch == file_batch else (
-            f"{line} (train.batch_size set by --set; {kept} = {implied})")
+        line = f"global batch {batch * workers} = {workers} x {batch} per worker"
+        if workers == file_workers and batch == file_batch:
+            return line, False
+        return f"{line} (train.batch_size set by --set; {kept} = {implied})", True
     if implied % workers:
         raise UserError(f"the global batch {implied} of {kept} cannot be split evenly over the "
                         f"{workers} workers of ray.num_workers ({sources['ray.num_workers']}); "
                         f"set train.batch_size (per worker) with --set")
     merged.setdefault("train", {})["batch_size"] = implied // workers
     sources["train.batch_size"] = DERIVED
-    return (f"global batch {implied} = {workers} worker(s) x {implied // workers} "
-            f"(kept from {kept})")
+    return (f"global batch {implied} = {workers} x {implied // workers} per worker "
+            f"(kept from {kept})"), True
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

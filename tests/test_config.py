@@ -172,14 +172,14 @@ def test_a_profile_keeps_the_global_batch_of_the_experiment_file():
     from composeae.config import global_batch, resolve_config
 
     demo = resolve_config(CONFIGS / "demo.yaml")  # 2 workers x 32
-    assert demo.batch_note == "global batch 64 = 2 worker(s) x 32"
+    assert demo.batch_note == "global batch 64 = 2 x 32 per worker" and not demo.batch_moved
     for overrides, workers in ((["ray.profile=cluster"], 4), (["ray.profile=gpu"], 1),
                                (["ray.num_workers=8"], 8)):
         moved = resolve_config(CONFIGS / "demo.yaml", overrides)
         assert worker_range(moved.cfg.ray)[1] == workers and global_batch(moved.cfg) == 64
         assert moved.cfg.train.batch_size == 64 // workers
-        assert moved.batch_note.startswith(f"global batch 64 = {workers} worker(s) x "
-                                           f"{64 // workers} (kept from ")
+        assert moved.batch_moved and moved.batch_note.startswith(
+            f"global batch 64 = {workers} x {64 // workers} per worker (kept from ")
     # Only an explicit per-worker batch changes the global batch, and the line says so.
     explicit = resolve_config(CONFIGS / "demo.yaml", ["ray.profile=cluster",
                                                       "train.batch_size=32"])

@@ -40,7 +40,8 @@ from composeae.nightly.report import write_night_report
 from composeae.registry.store import ModelRegistry
 from composeae.report.tables import recall_keys
 from composeae.run.cluster import absolute_paths
-from composeae.run.driver import ensure_dataset, prepare_run, run_training
+from composeae.run.driver import (check_outside_job_copy, describe, ensure_dataset, prepare_run,
+                                  resume_as_started, run_training)
 from composeae.run.eval_job import evaluate_checkpoints
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
     night = parse_date(night)
     cfg = absolute_paths(cfg)
     n = cfg.nightly
+    check_outside_job_copy("nightly.registry", n.registry)
+    check_outside_job_copy("train.storage", cfg.train.storage)
     registry = ModelRegistry.create(n.registry)
     run_name = RUN_PREFIX + night
     done = registry.find_run(run_name)
@@ -161,6 +164,10 @@ def run_night(cfg: Config, night: str | None = None, *, force: bool = False) -> 
     init_from, how = _warm_start_from(cfg, champion)
     cfg = replace(cfg, train={"name": run_name, "init_from": init_from})
     log.info("challenger: run %s, %s; data fingerprint %s", run_name, how, data_print[:12])
+    cfg, note = resume_as_started(cfg)  # a night run again resumes its run as it started
+    if note:
+        log.info("%s", note)
+    log.info("%s", describe(cfg))
     summary = run_training(prepare_run(cfg))
 
     checkpoints = [summary.checkpoint_url] + ([champion["checkpoint"]] if champion else [])

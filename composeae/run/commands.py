@@ -11,7 +11,7 @@ import argparse
 import json
 
 from composeae import storage
-from composeae.config import add_override_option, load_config
+from composeae.config import add_override_option, resolve_config
 from composeae.run.cluster import release_ray
 
 
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file or directory (path or s3://)")
     p.add_argument("--data", required=True, help="dataset URL (path or s3://)")
-    p.add_argument("--split", default="test", help="evaluation split (default: test)")
+    p.add_argument("--split", default=None,
+                   help="evaluation split (default: the checkpoint's eval.test_split)")
     p.add_argument("--out", default=None, help="write the recall table as JSON here")
     p.add_argument("--report", default=None, metavar="OUT.html",
                    help="write an HTML page here (path or s3://): the recall table and the top-5 "
@@ -41,9 +42,15 @@ def say(line: str) -> None:
 def run_train(args: argparse.Namespace) -> None:
     # deferred: the driver imports torch and the models
     from composeae.report.tables import format_table
-    from composeae.run.driver import describe, prepare_run, run_training
+    from composeae.run.driver import describe, prepare_run, resume_as_started, run_training
 
-    prepared = prepare_run(load_config(args.config, args.set))
+    resolved = resolve_config(args.config, args.set)
+    if resolved.batch_moved:  # the workers moved, or the global batch did
+        say(resolved.batch_note)
+    cfg, note = resume_as_started(resolved.cfg)
+    if note:
+        say(note)
+    prepared = prepare_run(cfg)
     say(describe(prepared.cfg))
     summary = run_training(prepared)
     release_ray()
@@ -60,8 +67,10 @@ def run_eval(args: argparse.Namespace) -> None:
     # deferred: the evaluation job imports torch and the models
     from composeae.report.run_page import write_eval_report
     from composeae.report.tables import format_table
-    from composeae.run.eval_job import evaluate_checkpoint, evaluate_checkpoint_with_retrievals
+    from composeae.run.eval_job import (checkpoint_test_split, evaluate_checkpoint,
+                                        evaluate_checkpoint_with_retrievals)
 
+    args.split = args.split or checkpoint_test_split(args.checkpoint)
     if args.report:
         table, record = evaluate_checkpoint_with_retrievals(args.checkpoint, args.data,
                                                             split=args.split)

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from composeae import storage
 from composeae.checkpoint import load_checkpoint
-from composeae.config import Config, config_to_dict, dump_config, worker_range
+from composeae.config import (Config, config_from_dict, config_to_dict, dump_config,
+                              global_batch, replace, worker_range)
 from composeae.data.schema import MANIFEST
 from composeae.data.shardset import has_split, load_corpus
 from composeae.data.synth import generate
@@ -179,22 +182,76 @@ def finish_run(prepared: PreparedRun, cfg: Config | None, result) -> RunSummary:
 
 def finished_run(prepared: PreparedRun) -> RunSummary | None:
     """The summary of this very run when it has already finished (its `metrics.json`, written
-    only after the final report, is there, and its `config.yaml` is this config), else None.
-    The workers would only restore the final checkpoint and report it again; answering here
-    spares a resubmission the seconds a worker group takes to start."""
+    only after the final report, is there, and its `config.yaml` is this config but for where
+    it ran: `ray` and the per-worker batch), else None. The workers would only restore the final
+    checkpoint and report it again; answering here spares a resubmission the seconds a worker
+    group takes to start."""
     url = run_url(prepared.cfg)
-    config_url, metrics_url = (storage.join(url, name)
-                               for name in (layout.CONFIG_FILE, layout.METRICS_FILE))
-    if not (storage.exists(metrics_url) and storage.exists(config_url)
-            and storage.read_text(config_url) == dump_config(prepared.cfg)):
+    metrics_url = storage.join(url, layout.METRICS_FILE)
+    started = started_config(prepared.cfg)
+    if not (storage.exists(metrics_url) and started is not None
+            and not changed_keys(started, prepared.cfg)):
         return None
     return _summary(url, json.loads(storage.read_text(metrics_url)), already_finished=True)
+
+
+def started_config(cfg: Config) -> Config | None:
+    """The config a run named like `cfg`'s was started with (its `config.yaml`), if it exists."""
+    url = storage.join(run_url(absolute_paths(cfg)), layout.CONFIG_FILE)
+    if not storage.exists(url):
+        return None
+    return config_from_dict(yaml.safe_load(storage.read_text(url)))
+
+
+def _what_it_is(cfg: Config) -> dict[str, Any]:
+    """The keys that make a run what it is: all but where it runs (`ray`, and the per-worker
+    batch that follows from the workers; the global batch stays)."""
+    flat = {f"{section}.{key}": value for section, values in config_to_dict(cfg).items()
+            if section != "ray" for key, value in values.items() if key != "batch_size"}
+    return flat | {"global batch": global_batch(cfg)}
+
+
+def changed_keys(started: Config, cfg: Config) -> list[str]:
+    """`key (old -> new)` for each key of what the run is that `cfg` changes."""
+    old, new = _what_it_is(started), _what_it_is(absolute_paths(cfg))
+    return [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old if old[key] != new[key]]
+
+
+def resume_as_started(cfg: Config) -> tuple[Config, str | None]:
+    """`cfg`, or for a run that exists the config it was started with (with `cfg`'s `ray`
+    section, and the per-worker batch that keeps its global batch on those workers), and one
+    line naming the keys that differ and what happens; None when nothing differs.
+
+    The rule: an unfinished run resumes as it was started; a finished run trains nothing. To
+    run a changed config, give it another `train.name`."""
+    started = started_config(cfg)
+    if started is None:
+        return cfg, None
+    name, workers = cfg.train.name, worker_range(cfg.ray)[1]
+    total = global_batch(started)
+    if total % workers:
+        raise UserError(f"run {name} was started with a global batch of {total}, which cannot "
+                        f"be split evenly over {workers} workers (ray.num_workers); resume it on "
+                        f"a number of workers that divides it, or give it a new train.name")
+    resumed = replace(started, ray=config_to_dict(cfg)["ray"],
+                      train={"batch_size": total // workers})
+    changed = changed_keys(started, cfg)
+    if not changed:
+        return resumed, None
+    listed = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    finished = storage.exists(storage.join(run_url(absolute_paths(cfg)), layout.METRICS_FILE))
+    what = ("has finished; its config differs in {}, which is ignored: nothing is trained"
+            if finished else "exists and was started with another config: {} differ; it resumes "
+            "as it was started (only the ray section follows this submission)").format(listed)
+    return resumed, (f"run {name} {what}; to run the changed config, give it a new name: "
+                     f"--set train.name={name}-2")
 
 
 def run_training(cfg: Config | PreparedRun) -> RunSummary:
     """Prepare (unless given a prepared run), start or join Ray, train, and finish the run (a
     run that has already finished is returned as it is, without starting Ray)."""
     prepared = cfg if isinstance(cfg, PreparedRun) else prepare_run(cfg)
+    check_outside_job_copy("train.storage", prepared.cfg.train.storage)
     done = finished_run(prepared)
     if done is not None:
         return done
@@ -223,8 +280,28 @@ def describe(cfg: Config) -> str:
     kind = "GPU" if cfg.ray.use_gpu else "CPU"
     low, high = worker_range(cfg.ray)
     workers = f"{high}" if low == high else f"{low} to {high} (elastic)"
-    return (f"training {cfg.model.name} on {cfg.data.url} with {workers} {kind} worker(s); "
+    return (f"training {cfg.model.name} on {cfg.data.url} with {workers} {kind} worker(s), "
+            f"global batch {global_batch(cfg)} = {high} x {cfg.train.batch_size} per worker; "
             f"run {run_url(cfg)}")
+
+
+RAY_JOB_COPY = ("working_dir_files", "_ray_pkg_")
+"""Ray unpacks a job's `--working-dir` into `.../runtime_resources/working_dir_files/_ray_pkg_<hash>/`
+and deletes it later: what a job writes there under a relative path is lost."""
+
+
+def check_outside_job_copy(what: str, url: str) -> None:
+    """Refuse a local store (`what`: the config key) that would land inside the job's temporary
+    copy of its working directory, in one line naming what to pass instead."""
+    if storage.is_s3(url):
+        return
+    parts = Path(storage.absolute_url(url)).parts
+    inside = any(a == RAY_JOB_COPY[0] and b.startswith(RAY_JOB_COPY[1])
+                 for a, b in zip(parts, parts[1:]))
+    if inside:
+        raise UserError(f"{what} {url} is inside this Ray job's temporary copy of its working "
+                        f"directory, which Ray deletes: pass an absolute path that every node "
+                        f"sees (e.g. --set {what}=$PWD/runs when submitting) or an s3:// URL")
 
 
 def ensure_dataset(cfg: Config) -> Config:

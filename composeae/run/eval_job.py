@@ -46,17 +46,24 @@ def _eval_worker(config: dict) -> None:
         ray.get(config["box"].put.remote(results))
 
 
-def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str = "test",
+def checkpoint_test_split(checkpoint: str) -> str:
+    """The split a checkpoint's run was tested on (its `eval.test_split`: `val` for datasets
+    whose test targets are not public): what `eval` and `index` use unless `--split` is given."""
+    return config_from_dict(load_checkpoint(absolute_url(checkpoint))["config"]).eval.test_split
+
+
+def evaluate_checkpoints(checkpoints: list[str], data_url: str, *, split: str | None = None,
                          num_workers: int | None = None) -> list[dict[str, float]]:
-    """Recall of each checkpoint on `data_url`'s `split`, in one Ray Train job (the same workers,
-    shards and evaluation settings for all, so tables compare like with like); returns one
-    {"<split>/R@K": value} per checkpoint. The first checkpoint's config sets the evaluation
-    settings and workers. Prints nothing (the command line prints the tables)."""
+    """Recall of each checkpoint on `data_url`'s `split` (default: the first checkpoint's
+    `eval.test_split`), in one Ray Train job (the same workers, shards and evaluation settings
+    for all, so tables compare like with like); returns one {"<split>/R@K": value} per
+    checkpoint. The first checkpoint's config sets the evaluation settings and workers. Prints
+    nothing (the command line prints the tables)."""
     return [table for table, _ in _evaluation_job(checkpoints, data_url, split=split,
                                                   num_workers=num_workers)]
 
 
-def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
+def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str | None,
                     num_workers: int | None, num_queries: int = 0
                     ) -> list[tuple[dict[str, float], dict | None]]:
     """`evaluate_checkpoints`, each table with its retrieval record (with `num_queries`)."""
@@ -67,6 +74,7 @@ def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
     checkpoints = [absolute_url(c) for c in checkpoints]
     cfg: Config = config_from_dict(load_checkpoint(checkpoints[0])["config"])
     cfg = absolute_paths(replace(cfg, data={"url": data_url}))
+    split = split or cfg.eval.test_split
     if not has_split(cfg.data, split):
         raise UserError(f"dataset {data_url} has no split {split!r}")
     init_ray(cfg)
@@ -89,13 +97,14 @@ def _evaluation_job(checkpoints: list[str], data_url: str, *, split: str,
     return [({f"{split}/{k}": v for k, v in table.items()}, record) for table, record in results]
 
 
-def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str = "test",
+def evaluate_checkpoint(checkpoint: str, data_url: str, *, split: str | None = None,
                         num_workers: int | None = None) -> dict[str, float]:
     """`evaluate_checkpoints` for one checkpoint: `composeae eval`."""
     return evaluate_checkpoints([checkpoint], data_url, split=split, num_workers=num_workers)[0]
 
 
-def evaluate_checkpoint_with_retrievals(checkpoint: str, data_url: str, *, split: str = "test",
+def evaluate_checkpoint_with_retrievals(checkpoint: str, data_url: str, *,
+                                        split: str | None = None,
                                         num_workers: int | None = None,
                                         num_queries: int = NUM_QUERIES
                                         ) -> tuple[dict[str, float], dict]:

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     source.add_argument("--registry", help="model registry (path or s3://); with --alias")
     p.add_argument("--alias", default=None, help="registry alias or version (default champion)")
     p.add_argument("--data", required=True, help="dataset URL whose gallery is indexed")
-    p.add_argument("--split", default="test", help="gallery split (default: test)")
+    p.add_argument("--split", default=None,
+                   help="gallery split (default: the checkpoint's eval.test_split)")
     p.add_argument("--out", default=None, help="index URL (default with --registry: the "
                                                "registry's indexes/<version>)")
     p.add_argument("--dtype", default="float16", help="float16 (default) or float32")
@@ -64,17 +65,19 @@ def register(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
+    from composeae.run.eval_job import checkpoint_test_split
     from composeae.serve.index import build_index, registry_index_url, resolve_model
 
     if args.alias is not None and args.registry is None:
         raise UserError("--alias needs --registry")
     model = resolve_model(args.checkpoint, args.registry, args.alias)
+    split = args.split or checkpoint_test_split(model["checkpoint"])
     out = args.out
     if out is None:
         if model["version"] is None:
             raise UserError("index --checkpoint needs --out URL")
         out = registry_index_url(model["registry"], model["version"])
-    done = build_index(model, args.data, out, split=args.split, dtype=args.dtype,
+    done = build_index(model, args.data, out, split=split, dtype=args.dtype,
                        workers=args.workers)
     _release_ray()
     m = done.manifest

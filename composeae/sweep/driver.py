@@ -36,7 +36,8 @@ from composeae.report.tblog import write_hparams
 from composeae.run import layout
 from composeae.run.cluster import check_local_paths_on_nodes, check_storage_on_nodes, init_ray
 from composeae.run.commands import say
-from composeae.run.driver import PreparedRun, build_trainer, finish_run, prepare_run
+from composeae.run.driver import (PreparedRun, build_trainer, check_outside_job_copy, finish_run,
+                                  prepare_run)
 from composeae.run.eval_job import evaluate_checkpoint
 from composeae.run.nodefiles import check_node_files
 from composeae.sweep.best import (best_config_yaml, best_row, best_trial, reported_trials,
@@ -98,6 +99,7 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
     init_ray(prepared.cfg)
     check_node_files(prepared.cfg)
     check_local_paths_on_nodes({"data.url": prepared.cfg.data.url})
+    check_outside_job_copy("storage", sweep.storage)
     check_storage_on_nodes("storage", sweep.storage)
 
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, prepared=prepared),
