@@ -201,7 +201,7 @@ def test_optuna_needs_its_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if it were not installed
     with pytest.raises(UserError) as err:
         load_sweep(write_sweep(tmp_path, "searcher: optuna\n"))
-    assert "composeae[optuna]" in str(err.value) and "\n" not in str(err.value)
+    assert "-e '.[optuna]'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_optuna_searcher(tmp_path):

@@ -80,7 +80,8 @@ Top-level keys (only these; anything else is an error):
   equal numbers of evaluations, so it refuses a search over `train.steps` or `train.eval_every`
   (use `scheduler: none` for that).
 - `searcher` (default `random`): `random` is Tune's BasicVariantGenerator; `optuna` is Optuna's
-  TPE through Ray's OptunaSearch and needs the optional extra (`pip install 'composeae[optuna]'`);
+  TPE through Ray's OptunaSearch and needs the optional extra
+  (`.venv/bin/pip install -c constraints.txt -e '.[optuna]'`);
   Optuna samples, so it takes no `grid`.
 - `seed` (default 0; null for an unseeded search): the searcher's random seed.
 - `max_concurrent_trials` (default null): a cap on trials running at once; unset, the driver

@@ -18,7 +18,7 @@ from composeae.sweep.plan import plan_trials
 def require_optuna() -> None:
     if importlib.util.find_spec("optuna") is None:
         raise UserError("searcher optuna needs the optuna package: "
-                        "pip install 'composeae[optuna]'")
+                        ".venv/bin/pip install -c constraints.txt -e '.[optuna]'")
 
 
 class TuneObjects:
