@@ -38,7 +38,7 @@ def _record(score: float = 0.5) -> dict:
 
 def _small_checkpoint(tmp_path: Path) -> Path:
     checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
+    checkpoint.mkdir(parents=True)
     (checkpoint / "model.pt").write_bytes(b"w")
     return checkpoint
 
@@ -228,3 +228,55 @@ def test_registry_commands_list_promote_alias_and_roll_back(tmp_path):
     history = _cli("history", url).stdout.splitlines()
     assert [line.split()[2] for line in history] == ["promote", "promote", "alias", "rollback",
                                                      "delete"]
+
+
+def test_promotions_racing_with_one_expectation_leave_exactly_one_winner(where):
+    from composeae.registry.store import AliasMoved
+
+    url, checkpoint = where
+    registry = ModelRegistry.create(url)
+    for run in ("n1", "n2", "n3", "n4"):
+        registry.register(checkpoint, run_name=run, record=_record())
+    registry.promote(1)
+    # Three writers that all read champion -> 1: a promotion to 2, one to 3, and a rollback
+    # (which expects 1 too); the alias's compare-and-swap lets exactly one through.
+    work = [lambda: ModelRegistry(url).promote(2, expect=1),
+            lambda: ModelRegistry(url).promote(3, expect=1),
+            lambda: ModelRegistry(url).set_alias("champion", 4, action="promote", expect=1)]
+    results = _race(3, lambda i: work[i]())
+    winners = [r for r in results if isinstance(r, dict)]
+    losers = [r for r in results if isinstance(r, AliasMoved)]
+    assert len(winners) == 1 and len(losers) == 2, results
+    won = winners[0]["version"]
+    assert registry.aliases().aliases["champion"] == won
+    for lost in losers:
+        assert (lost.expected, lost.actual) == (1, won)
+        assert str(lost) == (f"alias 'champion' is at version {won}, not the expected version "
+                             f"1: it changed since it was read; nothing was changed")
+    # A rollback expecting the old champion loses to the promotion that moved it.
+    with pytest.raises(AliasMoved, match="not the expected version 1"):
+        registry.rollback(expect=1)
+    assert registry.rollback(expect=won)["version"] == 1
+    with pytest.raises(AliasMoved, match="is at no version"):
+        registry.promote(2, alias="staging", expect=1)
+    assert registry.promote(2, alias="staging", expect=None)["previous"] is None
+    assert [e["version"] for e in registry.history()] == [1, won, 1, 2]
+
+
+def test_promote_and_rollback_commands_check_their_expectation(tmp_path):
+    url = str(tmp_path / "registry")
+    registry = ModelRegistry.create(url)
+    for run in ("a", "b"):
+        registry.register(str(_small_checkpoint(tmp_path / run)), run_name=run,
+                          record=_record())
+    assert _cli("promote", url, "1", "--expect", "none").returncode == 0
+    stale = _cli("promote", url, "2", "--expect", "none")
+    assert stale.returncode == 2 and stale.stderr.strip().splitlines() == [
+        "error: alias 'champion' is at version 1, not the expected no version (it is not set): "
+        "it changed since it was read; nothing was changed"]
+    assert _cli("promote", url, "2", "--expect", "1").stdout.strip() == \
+        "champion -> version 2 (was 1)"
+    assert _cli("rollback", url, "--expect", "1").returncode == 2
+    assert _cli("rollback", url, "--expect", "x").stderr.strip() == \
+        "error: --expect must be a version number, got 'x'"
+    assert registry.aliases().aliases == {"champion": 2}

@@ -25,6 +25,10 @@ two writers never lose each other's change. It carries, per alias, the stack of 
 values (what `rollback` returns to) and the event of its latest revision; that event is then
 logged as `history/<revision>.json` (exclusive create), and any later writer that finds the log
 one behind writes the missing entry, so the history cannot silently lose a promotion.
+
+A change may name the version it expects the alias to hold (`expect=`): the check runs inside the
+compare-and-swap, against the very revision it replaces, so of two writers that both expected
+version 3 exactly one moves the alias and the other gets `AliasMoved` saying where it is now.
 """
 
 from __future__ import annotations
@@ -52,6 +56,35 @@ CLAIM_LEASE_S = 600.0
 checkpoint takes far less); after it, the claim's writer is taken to have died. A writer that
 fails (an exception, not a kill) removes its claim at once."""
 _ALIAS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+class _Anything:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Anything()
+"""`expect=ANY` (the default): change the alias whatever it holds. `expect=None`: only while the
+alias does not exist. `expect=N`: only while it holds version N."""
+
+
+class AliasMoved(UserError):
+    """An alias change whose expectation no longer holds: someone else moved the alias first."""
+
+    def __init__(self, alias: str, expected: int | None, actual: int | None):
+        self.alias, self.expected, self.actual = alias, expected, actual
+        super().__init__(f"alias {alias!r} is at {_describe(actual)}, not the expected "
+                         f"{_describe(expected)}: it changed since it was read; nothing was "
+                         f"changed")
+
+
+def _describe(version: int | None) -> str:
+    return "no version (it is not set)" if version is None else f"version {version}"
+
+
+def _check_expected(current: "Aliases", alias: str, expect: Any) -> None:
+    if expect is not ANY and current.aliases.get(alias) != expect:
+        raise AliasMoved(alias, expect, current.aliases.get(alias))
 
 
 def _now() -> str:
@@ -279,14 +312,16 @@ class ModelRegistry:
             storage.create_exclusive(self._path("history", f"{current.revision:06d}.json"),
                                      _dumps(current.event))
 
-    def set_alias(self, name: str, number: int, *, action: str = "alias",
-                  reason: str = "") -> dict[str, Any]:
-        """Point alias `name` at version `number` (its previous value goes on its stack)."""
+    def set_alias(self, name: str, number: int, *, action: str = "alias", reason: str = "",
+                  expect: Any = ANY) -> dict[str, Any]:
+        """Point alias `name` at version `number` (its previous value goes on its stack), only
+        while it holds `expect` (see `ANY`); `AliasMoved` otherwise."""
         if not _ALIAS_NAME.fullmatch(name):
             raise UserError(f"alias {name!r} must be a name (letters, digits, '_.-')")
         self.version(number)  # an unknown version fails here, before anything is written
 
         def change(current: Aliases):
+            _check_expected(current, name, expect)
             aliases, stack = dict(current.aliases), {k: list(v) for k, v in current.stack.items()}
             previous = aliases.get(name)
             if previous is not None and previous != number:
@@ -296,14 +331,18 @@ class ModelRegistry:
                                     "previous": previous, "reason": reason}
         return self._update(change)
 
-    def promote(self, number: int, *, alias: str = "champion", reason: str = "") -> dict[str, Any]:
-        return self.set_alias(alias, number, action="promote", reason=reason)
+    def promote(self, number: int, *, alias: str = "champion", reason: str = "",
+                expect: Any = ANY) -> dict[str, Any]:
+        return self.set_alias(alias, number, action="promote", reason=reason, expect=expect)
 
-    def rollback(self, alias: str = "champion", *, reason: str = "") -> dict[str, Any]:
-        """Point `alias` back at the version it held before its latest change."""
+    def rollback(self, alias: str = "champion", *, reason: str = "",
+                 expect: Any = ANY) -> dict[str, Any]:
+        """Point `alias` back at the version it held before its latest change, only while it
+        holds `expect` (see `ANY`)."""
         def change(current: Aliases):
             if alias not in current.aliases:
                 raise UserError(f"registry {self.url} has no alias {alias!r} to roll back")
+            _check_expected(current, alias, expect)
             stack = {k: list(v) for k, v in current.stack.items()}
             if not stack.get(alias):
                 raise UserError(f"alias {alias!r} has no earlier version to roll back to "
