@@ -20,6 +20,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -62,13 +63,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(url: str) -> dict[str, Any]:
-    """Read a checkpoint file or run checkpoint directory, local or `s3://`."""
+def load_checkpoint(url: str, sha256: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint file or run checkpoint directory, local or `s3://`; with `sha256`,
+    only when its bytes have that digest (`UserError` otherwise)."""
     if not url.endswith(".pt"):
         url = storage.join(url, MODEL_FILE)
     if not storage.exists(url):
         raise UserError(f"no checkpoint at {url}")
-    state = torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    data = storage.read_bytes(url)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"{url} is not the checkpoint it should be: its sha256 is "
+                        f"{hashlib.sha256(data).hexdigest()[:16]}..., not {sha256[:16]}...")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{url} is not a composeae checkpoint (format {CHECKPOINT_FORMAT})")
     return state

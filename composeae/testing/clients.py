@@ -17,8 +17,10 @@ class SearchClients:
     (in the order they came back). Status 0 is a request that got no answer."""
 
     def __init__(self, base: str, refs: list[str], threads: int,
-                 text: str = "make the red circle blue", k: int = 10):
+                 text: str = "make the red circle blue", k: int = 10,
+                 headers: dict[str, str] | None = None):
         self.base, self.refs, self.text, self.k = base, refs, text, k
+        self.headers = headers or {}
         self.per_client: list[list[tuple[float, int, int | None]]] = [[] for _ in range(threads)]
         self.answers: list[tuple[float, int, int | None]] = []
         self.wall = 0.0
@@ -29,6 +31,7 @@ class SearchClients:
     def _run(self, i: int) -> None:
         draw = random.Random(i)
         session = requests.Session()
+        session.headers.update(self.headers)
         while not self._stop.is_set():
             body = {"ref": draw.choice(self.refs), "text": self.text, "k": self.k}
             start = time.perf_counter()
