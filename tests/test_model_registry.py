@@ -280,3 +280,40 @@ def test_promote_and_rollback_commands_check_their_expectation(tmp_path):
     assert _cli("rollback", url, "--expect", "x").stderr.strip() == \
         "error: --expect must be a version number, got 'x'"
     assert registry.aliases().aliases == {"champion": 2}
+
+
+def test_the_nightly_promotes_only_over_the_champion_it_compared_against(tmp_path, caplog):
+    """A hand promotion made while the night trained stands: the night registers its version
+    but does not move the alias (nor build its index), and says so in one line."""
+    from composeae.config import load_config
+    from composeae.nightly.flow import _finish
+
+    url = str(tmp_path / "registry")
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "jobs/configs/tiny.yaml"),
+                      [f"nightly.registry={url}"])
+    registry = ModelRegistry.create(url)
+    table = {"test/R@1": 0.3}
+    for run in ("a", "b"):
+        registry.register(str(_small_checkpoint(tmp_path / run)), run_name=run,
+                          record=_record())
+    registry.promote(1)
+    night = {"date": "2026-12-03", "model": "composeae",
+             "evaluation": {"split": "test", "table": table}, "data": {"fingerprint": "f"},
+             "run_url": "-", "code_version": "-",
+             "decision": {"alias": "champion", "promote": True, "reason": "beat it",
+                          "metric": "test/R@1", "margin": 0.0, "champion": 1,
+                          "champion_table": {"test/R@1": 0.2}}}
+    version, _ = registry.register(str(_small_checkpoint(tmp_path / "night")),
+                                   run_name="nightly-2026-12-03", record=night)
+    registry.promote(2, reason="by hand, during the night")
+    with caplog.at_level("WARNING", logger="composeae.nightly.flow"):
+        done = _finish(registry, cfg, "2026-12-03", version, created=True)
+    assert done.status == "kept"
+    assert done.reason == ("beat it, but champion moved to 2 since the comparison with 1: "
+                           "not promoted")
+    assert registry.aliases().aliases == {"champion": 2}
+    assert not storage.exists(storage.join(url, "indexes", "000003", "manifest.json"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["nightly 2026-12-03: version 3 not promoted: champion changed under the "
+                        "night (alias 'champion' is at version 2, not the expected version 1: "
+                        "it changed since it was read; nothing was changed)"]

@@ -37,7 +37,7 @@ from composeae.config import Config, config_to_dict, nightly_metric, replace, wo
 from composeae.data.revisions import append_synth_day, fingerprint, parse_day
 from composeae.data.shardset import read_manifest
 from composeae.nightly.report import write_night_report
-from composeae.registry.store import ModelRegistry
+from composeae.registry.store import AliasMoved, ModelRegistry
 from composeae.report.tables import recall_keys
 from composeae.run.cluster import absolute_paths
 from composeae.run.driver import (check_outside_job_copy, describe, ensure_dataset, prepare_run,
@@ -202,6 +202,11 @@ def _champion(registry: ModelRegistry, alias: str) -> dict[str, Any] | None:
     return registry.version(number) if number is not None else None
 
 
+def _alias_moved(registry: ModelRegistry, alias: str, compared: int | None) -> AliasMoved | None:
+    current = registry.aliases().aliases.get(alias)
+    return None if current == compared else AliasMoved(alias, compared, current)
+
+
 def _finish(registry: ModelRegistry, cfg: Config, night: str, version: dict[str, Any], *,
             created: bool) -> Night:
     """Promote (once) and report a registered night. Safe to run again: a killed night stopped
@@ -210,23 +215,41 @@ def _finish(registry: ModelRegistry, cfg: Config, night: str, version: dict[str,
     alias = decision["alias"]
     promoted_before = any(e.get("action") == "promote" and e.get("version") == version["version"]
                           and e.get("alias") == alias for e in registry.history())
+    moved = None
     if decision["promote"] and not promoted_before:
-        # The service follows the alias: the new champion's index exists before the alias moves.
-        from composeae.serve.index import build_version_index
+        # Only over the champion it was compared with: a promotion or rollback made by hand
+        # since then stands (compare-and-swap on the alias, checked again as it moves).
+        moved = _alias_moved(registry, alias, decision["champion"])
+        if moved is None:
+            # The service follows the alias: the new champion's index exists before it moves.
+            from composeae.serve.index import build_version_index
 
-        build_version_index(registry.url, version["version"], cfg.data.url, cfg.nightly.split)
-        registry.promote(version["version"], alias=alias,
-                         reason=f"nightly {night}: {decision['reason']}")
+            build_version_index(registry.url, version["version"], cfg.data.url,
+                                cfg.nightly.split)
+            try:
+                registry.promote(version["version"], alias=alias, expect=decision["champion"],
+                                 reason=f"nightly {night}: {decision['reason']}")
+            except AliasMoved as exc:
+                moved = exc
+        if moved is not None:
+            log.warning("nightly %s: version %s not promoted: %s changed under the night (%s)",
+                        night, version["version"], alias, moved)
     champion = (registry.version(decision["champion"]) if decision["champion"] is not None
                 else None)
     tables = {"challenger": version["evaluation"]["table"]}
     if decision["champion_table"] is not None:
         tables["champion"] = decision["champion_table"]
     status, reason = ("promoted" if decision["promote"] else "kept"), decision["reason"]
+    if moved is not None:
+        status, reason = "kept", (f"{reason}, but {alias} moved to "
+                                  f"{'no version' if moved.actual is None else moved.actual} "
+                                  f"since the comparison with "
+                                  f"{'no champion' if moved.expected is None else moved.expected}"
+                                  f": not promoted")
     if created or not storage.exists(registry.report_url(f"{night}.json")):
         write_night_report(registry, night, version, status, cfg.nightly.history_nights)
     if not created:
-        verdict = "promoted" if decision["promote"] else "not promoted"
+        verdict = "promoted" if decision["promote"] and moved is None else "not promoted"
         status, reason = "done", (f"night {night} is already version {version['version']} "
                                   f"({verdict}): nothing to do")
     return Night(night, status, reason, version=version, champion=champion, tables=tables,
