@@ -263,23 +263,49 @@ def test_promotions_racing_with_one_expectation_leave_exactly_one_winner(where):
     assert [e["version"] for e in registry.history()] == [1, won, 1, 2]
 
 
-def test_promote_and_rollback_commands_check_their_expectation(tmp_path):
+def test_promote_and_rollback_commands_check_their_expectation(tmp_path, capsys):
+    from composeae.cli import main
+
     url = str(tmp_path / "registry")
     registry = ModelRegistry.create(url)
     for run in ("a", "b"):
         registry.register(str(_small_checkpoint(tmp_path / run)), run_name=run,
                           record=_record())
-    assert _cli("promote", url, "1", "--expect", "none").returncode == 0
-    stale = _cli("promote", url, "2", "--expect", "none")
-    assert stale.returncode == 2 and stale.stderr.strip().splitlines() == [
+    assert main(["registry", "promote", url, "1", "--expect", "none"]) == 0
+    assert main(["registry", "promote", url, "2", "--expect", "none"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
         "error: alias 'champion' is at version 1, not the expected no version (it is not set): "
         "it changed since it was read; nothing was changed"]
-    assert _cli("promote", url, "2", "--expect", "1").stdout.strip() == \
-        "champion -> version 2 (was 1)"
-    assert _cli("rollback", url, "--expect", "1").returncode == 2
-    assert _cli("rollback", url, "--expect", "x").stderr.strip() == \
+    assert main(["registry", "promote", url, "2", "--expect", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "champion -> version 2 (was 1)"
+    assert main(["registry", "rollback", url, "--expect", "1"]) == 2
+    assert main(["registry", "rollback", url, "--expect", "x"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
         "error: --expect must be a version number, got 'x'"
     assert registry.aliases().aliases == {"champion": 2}
+
+
+def test_registry_add_registers_a_checkpoint_once_and_refuses_promote_without_data(
+        tmp_path, css_tiny, capsys):
+    from composeae.cli import main
+    from composeae.testing.checkpoints import random_checkpoint
+
+    url = str(tmp_path / "registry")
+    checkpoint = random_checkpoint(css_tiny, tmp_path / "ckpt")
+    assert main(["registry", "add", url, "--checkpoint", checkpoint, "--promote"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --promote needs --data: the service follows the alias, so the version's index "
+        "is built before the alias moves"]
+    assert main(["registry", "add", url, "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    for verb in ("added as", "already registered as"):
+        assert main(["registry", "add", url, "--checkpoint", f"{checkpoint}/model.pt"]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{checkpoint} {verb} version 1 (composeae; no evaluation table (no run "
+            f"metrics.json beside the checkpoint))"]
+    record = ModelRegistry.open(url).version(1)
+    assert record["config"]["data"]["url"] == css_tiny and record["run_url"] is None
+    assert len(record["data"]["fingerprint"]) == 64 and ModelRegistry(url).aliases().aliases == {}
 
 
 def test_the_nightly_promotes_only_over_the_champion_it_compared_against(tmp_path, caplog):
