@@ -27,7 +27,7 @@ from PIL import Image
 
 from composeae.checkpoint import load_checkpoint
 from composeae.config import Config
-from composeae.data.decode import SampleDecoder, normalise
+from composeae.data.decode import SampleDecoder
 from composeae.errors import UserError
 from composeae.evaluate import embed
 from composeae.run.build import model_from_checkpoint
@@ -84,7 +84,7 @@ class Model:
                             f"reference image")
         batches = []
         for start in range(0, len(pixels), BATCH):
-            batch = {"image": normalise(pixels[start:start + BATCH])}
+            batch = {"image": pixels[start:start + BATCH]}  # `embed` normalises on the device
             if texts is not None:
                 batch["text"] = list(texts[start:start + BATCH])
             batches.append(batch)
