@@ -16,7 +16,7 @@ HTTP status and one sentence.
 - The image: base64 text no longer than the image cap allows.
 
 The numbers are `Limits` (one frozen set per deployment). Ray Serve's own limits sit in front
-of these: `max_ongoing_requests` per replica and `max_queued_requests` (503 once that many wait).
+of these: `max_ongoing_requests` per replica and `max_queued_requests` (see `app`).
 """
 
 from __future__ import annotations
