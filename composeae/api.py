@@ -75,19 +75,19 @@ class Model:
         size = self.config.data.image_size
         return torch.stack(shown) if shown else torch.zeros((0, size, size, 3), dtype=torch.uint8)
 
-    def embed_pixels(self, pixels: torch.Tensor, texts: Sequence[str] | None = None
-                     ) -> np.ndarray:
+    def embed_pixels(self, pixels: torch.Tensor, texts: Sequence[str] | None = None, *,
+                     batch: int = BATCH) -> np.ndarray:
         """(B, D) embeddings of `pixels` (uint8 (B, S, S, 3), from `pixels`): gallery images,
-        or with `texts` (one per image) composed queries."""
+        or with `texts` (one per image) composed queries; `batch` rows per forward pass."""
         if texts is not None and len(texts) != len(pixels):
             raise UserError(f"{len(pixels)} images but {len(texts)} texts: give one text per "
                             f"reference image")
         batches = []
-        for start in range(0, len(pixels), BATCH):
-            batch = {"image": pixels[start:start + BATCH]}  # `embed` normalises on the device
+        for start in range(0, len(pixels), batch):
+            part = {"image": pixels[start:start + batch]}  # `embed` normalises on the device
             if texts is not None:
-                batch["text"] = list(texts[start:start + BATCH])
-            batches.append(batch)
+                part["text"] = list(texts[start:start + batch])
+            batches.append(part)
         out = embed(self.module, batches, "image", "text" if texts is not None else None, (),
                     self.device, self.config.train.precision)
         if not len(pixels):  # nothing embedded: (0, D)

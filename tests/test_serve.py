@@ -180,4 +180,4 @@ def test_missing_index_and_unreadable_image_are_one_line(tmp_path, local_index, 
     assert "reference image cannot be read" in capsys.readouterr().err
     assert main(["index", "--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path),
                  "--out", str(tmp_path / "i")]) == 2
-    assert "no dataset at" in capsys.readouterr().err
+    assert "no checkpoint at" in capsys.readouterr().err  # read first: it names the split

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from composeae.api import Model
 from composeae.errors import UserError
-from composeae.serve.index import GalleryIndex, checkpoint_file, normalise_rows
+from composeae.serve.index import GalleryIndex, checkpoint_file
 
 BLOCK_ROWS = {torch.float32: 65536, torch.float16: 8192}
 """Gallery rows scored at once. Float32: (Q, 65536) scores per block, few merges. Float16:
@@ -102,8 +103,7 @@ class Searcher:
         """The (D,) unit query embedding of reference image bytes and a modifier text."""
         from PIL import Image, UnidentifiedImageError
 
-        from composeae.data.decode import SampleDecoder, normalise
-        from composeae.evaluate import embed
+        from composeae.data.decode import SampleDecoder
 
         try:
             picture = Image.open(io.BytesIO(image))
@@ -115,10 +115,8 @@ class Searcher:
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"the reference image cannot be read ({type(exc).__name__})") from None
         pixels = SampleDecoder("gallery", self.cfg.data.image_size).pixels(picture)
-        batch = {"reference": normalise(pixels[None]), "text": [text]}
-        out = embed(self.model, [batch], "reference", "text", (), self.device,
-                     self.cfg.train.precision)
-        return normalise_rows(out["emb"])[0]
+        # As the evaluation embeds its queries: the Python API's one path.
+        return Model(self.model, self.cfg, self.device).embed_pixels(pixels[None], [text])[0]
 
     def search(self, text: str, k: int = 10, *, ref: str | None = None,
                image: bytes | None = None) -> dict[str, Any]:
