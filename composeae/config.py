@@ -250,9 +250,13 @@ class RayConfig:
     """Where workers go: `PACK` fills few nodes, `SPREAD` one worker per node where it can
     (`STRICT_*` or fail to start)."""
     use_gpu: bool = False
-    """One GPU per worker, NCCL; otherwise gloo on CPU."""
+    """Workers on GPUs (`ray.gpus_per_worker` each), NCCL; otherwise gloo on CPU."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved per worker with `ray.use_gpu`: a fraction (0.25) lets Ray place several
+    workers on one GPU, e.g. the single-worker trials of a sweep of small models, which leave
+    most of a card idle alone; their memory is then shared too."""
     max_failures: int = 1
     """Worker-group failures survived by restarting from the last checkpoint."""
     num_to_keep: int = 2
@@ -310,7 +314,8 @@ _POSITIVE = {
     "model.bert_vocab_size", "loss.init_scale", "optim.lr", "optim.decay_every",
     "optim.decay_factor", "train.steps", "train.batch_size", "train.eval_every",
     "train.log_every", "eval.batch_size", "eval.chunk_size", "ray.resize_check_s",
-    "ray.cpus_per_worker", "ray.num_to_keep", "nightly.day_sources", "nightly.history_nights",
+    "ray.cpus_per_worker", "ray.gpus_per_worker", "ray.num_to_keep", "nightly.day_sources",
+    "nightly.history_nights",
 }
 _NON_NEGATIVE = {
     "data.loader_workers", "loss.w_base", "loss.w_img_rec", "loss.w_txt_rec", "loss.w_sym",
@@ -350,6 +355,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"config key nightly.alias must be a name (letters, digits, '_.-'), "
                         f"got {cfg.nightly.alias!r}")
     _validate_workers(cfg)
+    if cfg.ray.gpus_per_worker > 1:
+        raise UserError(f"config key ray.gpus_per_worker must be at most 1 (one DDP worker drives "
+                        f"one GPU; a fraction shares one), got {cfg.ray.gpus_per_worker!r}")
     if cfg.train.compile == "reduce-overhead" and not cfg.ray.use_gpu:
         raise UserError("config key train.compile=reduce-overhead records CUDA graphs, which need "
                         "ray.use_gpu=true; on CPU use train.compile=default")

@@ -372,6 +372,26 @@ def test_concurrency_from_cluster_resources(tiny):
     assert gpu.concurrency({"CPU": 1000.0, "GPU": 1000.0}) == gpu.num_trials
 
 
+def test_fractional_gpus_pack_trials_on_one_gpu():
+    """Without a GPU here, the packing is checked where it is decided: what each trial's
+    workers ask Ray for, and how many such trials the driver lets run at once; Ray's own
+    accounting of fractional resources runs for real with fractional CPUs in test_tune.py."""
+    from composeae.config import load_config
+    from composeae.run.cluster import scaling_config
+
+    packed = load_sweep(SWEEPS / "css-synth.yaml", ["ray.use_gpu=true", "ray.num_workers=1",
+                                                     "ray.gpus_per_worker=0.25"])
+    assert packed.resources_per_trial()["GPU"] == 0.25
+    one_gpu = {"CPU": 64.0, "GPU": 1.0}
+    assert packed.concurrency(one_gpu) == min(4, packed.num_trials)
+    assert packed.placement(one_gpu).startswith(f"{min(4, packed.num_trials)} trial(s) at once")
+    alone = load_sweep(SWEEPS / "css-synth.yaml", ["ray.use_gpu=true", "ray.num_workers=1"])
+    assert alone.concurrency(one_gpu) == 1
+    cfg = load_config(SWEEPS.parent / "tiny.yaml", ["ray.use_gpu=true", "ray.gpus_per_worker=0.5"])
+    assert scaling_config(cfg).resources_per_worker == {"CPU": cfg.ray.cpus_per_worker, "GPU": 0.5}
+    assert "GPU" not in scaling_config(load_config(SWEEPS.parent / "tiny.yaml")).resources_per_worker
+
+
 def test_resolved_sweep_round_trips(tiny, tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(tiny.to_yaml())

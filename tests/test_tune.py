@@ -78,6 +78,17 @@ def test_asha_sweep_over_two_families_finishes_and_names_its_best(swept):
     assert load_sweep(TINY_SWEEP, ["num_samples=3"]).absolute().changes_from(
         storage.read_text(f"{url}/sweep.yaml")) == ["set.data.url", "num_samples", "storage"]
     assert "Budget per model family" in page
+    # Ray packed the fractional trials (0.1 CPU + one 0.5-CPU worker each): two ran at once.
+    assert "2 trial(s) at once: each reserves 0.6 CPU" in page
+    spans = []
+    for name in storage.list_files(url):
+        if name.count("/") == 1 and name.endswith("/result.json"):  # <trial>/result.json
+            results = [json.loads(line)
+                       for line in storage.read_text(f"{url}/{name}").splitlines()]
+            spans.append((results[0]["timestamp"] - results[0]["time_total_s"],
+                          results[-1]["timestamp"]))
+    spans.sort()
+    assert len(spans) == 4 and any(b[0] < a[1] - 1 for a, b in zip(spans, spans[1:])), spans
     assert set(summary.best_test) == {"test/R@1", "test/R@5", "test/R@10"}
     assert storage.exists(f"{summary.best_checkpoint}/model.pt")
 

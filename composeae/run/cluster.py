@@ -111,16 +111,23 @@ def release_ray() -> None:
         ray.shutdown()
 
 
+def worker_resources(ray_cfg) -> dict[str, float]:
+    """What each Train worker reserves: `ray.cpus_per_worker` CPUs and, with `ray.use_gpu`,
+    `ray.gpus_per_worker` GPUs (a fraction packs several workers on one GPU)."""
+    return ({"CPU": ray_cfg.cpus_per_worker}
+            | ({"GPU": ray_cfg.gpus_per_worker} if ray_cfg.use_gpu else {}))
+
+
 def scaling_config(cfg: Config, num_workers: int | None = None):
     """The `ScalingConfig` of a run's workers: `ray.num_workers` (or `num_workers`; a
-    `[min, max]` range makes the group elastic), GPUs or not, `ray.cpus_per_worker` CPUs each,
-    placed by `ray.placement_strategy`."""
+    `[min, max]` range makes the group elastic), `worker_resources` each, placed by
+    `ray.placement_strategy`."""
     from ray.train import ScalingConfig  # deferred: see init_ray
 
     low, high = worker_range(cfg.ray)
     workers = num_workers or (high if low == high else (low, high))
     return ScalingConfig(num_workers=workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+                         resources_per_worker=worker_resources(cfg.ray),
                          placement_strategy=cfg.ray.placement_strategy,
                          elastic_resize_monitor_interval_s=cfg.ray.resize_check_s)
 

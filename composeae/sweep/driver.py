@@ -106,6 +106,9 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
                                     sweep.trial_resources())
     url = sweep.experiment_url
     started = storage.join(url, layout.SWEEP_FILE)
+    cluster = ray.cluster_resources()
+    placement = sweep.placement(cluster)
+    say(placement)
     if tune.Tuner.can_restore(url):
         changed = (sweep.changes_from(storage.read_text(started)) if storage.exists(started)
                    else [])
@@ -116,14 +119,14 @@ def run_sweep(sweep: Sweep) -> SweepSummary:
         tuner = tune.Tuner.restore(url, trainable, resume_errored=True)
     else:
         storage.write_text(started, sweep.to_yaml())
-        page = SweepPageCallback(url, sweep.page_spec())
+        page = SweepPageCallback(url, sweep.page_spec(placement))
         # Tune's own records stay (CSV, JSON), but not its TensorBoard logger: the trials' Train
         # runs and `hparams/` already write each trial's curves and HParams entry, and Tune's
         # would show every trial a second time under another name.
         loggers = [tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()]
         tuner = tune.Tuner(
             trainable,
-            tune_config=sweep.tune_config(sweep.concurrency(ray.cluster_resources())),
+            tune_config=sweep.tune_config(sweep.concurrency(cluster)),
             # verbose=1: Tune's status table and trial ends, not every intermediate result.
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, verbose=1,
                                       callbacks=[page, *loggers],

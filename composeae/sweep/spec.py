@@ -21,6 +21,7 @@ import yaml
 from composeae import storage
 from composeae.config import Config, load_config, worker_range
 from composeae.errors import UserError
+from composeae.run.cluster import worker_resources
 from composeae.storage import absolute_url
 from composeae.sweep.page.state import SweepSpec
 from composeae.sweep.tune_objects import TuneObjects
@@ -189,29 +190,44 @@ class Sweep(TuneObjects):
         """What each trial's driver reserves: `tune.with_resources(trainable, ...)`."""
         return {"CPU": self.trial_cpus}
 
-    def concurrency(self, cluster: Mapping[str, float]) -> int:
-        """Trials that fit at once in `cluster` (e.g. `ray.cluster_resources()`): each reserves
-        `trial_cpus` plus its Train workers' CPUs (and GPUs), capped by `max_concurrent_trials`
-        and the number of trials; at least 1."""
+    def resources_per_trial(self) -> dict[str, float]:
+        """All a trial reserves: its driver's `trial_cpus` and its Train workers' resources
+        (`ray.cpus_per_worker`, and `ray.gpus_per_worker` with `ray.use_gpu`, from `set:`)."""
         ray_cfg = self.base_config().ray
         workers = worker_range(ray_cfg)[1]
-        need = {"CPU": self.trial_cpus + workers * ray_cfg.cpus_per_worker}
-        if ray_cfg.use_gpu:
-            need["GPU"] = float(workers)
+        need = {res: workers * amount for res, amount in worker_resources(ray_cfg).items()}
+        need["CPU"] += self.trial_cpus
+        return need
+
+    def concurrency(self, cluster: Mapping[str, float]) -> int:
+        """Trials that fit at once in `cluster` (e.g. `ray.cluster_resources()`): each reserves
+        `resources_per_trial`, capped by `max_concurrent_trials` and the number of trials; at
+        least 1. Ray packs fractional GPUs by its own accounting: four trials of one worker at
+        `ray.gpus_per_worker: 0.25` share one GPU."""
+        need = self.resources_per_trial()
         fits = min(int(cluster.get(res, 0.0) / amount + 1e-9) for res, amount in need.items())
         caps = [self.num_trials] + ([self.max_concurrent_trials]
                                     if self.max_concurrent_trials else [])
         return max(1, min([fits] + caps))
 
-    def page_spec(self) -> SweepSpec:
+    def placement(self, cluster: Mapping[str, float]) -> str:
+        """One sentence: how many trials run at once in `cluster` and what each reserves."""
+        need = self.resources_per_trial()
+        each = ", ".join(f"{amount:g} {res}" for res, amount in need.items())
+        has = ", ".join(f"{cluster.get(res, 0.0):g} {res}" for res in need)
+        return (f"{self.concurrency(cluster)} trial(s) at once: each reserves {each} of the "
+                f"cluster's {has}")
+
+    def page_spec(self, placement: str | None = None) -> SweepSpec:
         """What the sweep's page (`composeae.sweep.page`) shows: the searched keys, the metric
-        that ranks trials, R@10 beside it when evaluated, and a finished trial's step count."""
+        that ranks trials, R@10 beside it when evaluated, a finished trial's step count, and
+        `placement` (how many trials run at once)."""
         cfg = self.base_config()
         extra = tuple(f"val/R@{k}" for k in (10,) if k in cfg.eval.ks)
         steps = None if "train.steps" in self.space else cfg.train.steps
         return SweepSpec(params=tuple(self.space), metric=self.metric, mode=self.mode,
                          extra_metrics=extra, planned_steps=steps,
-                         title=f"composeae sweep {self.name}")
+                         title=f"composeae sweep {self.name}", placement=placement)
 
     # ----- text
 

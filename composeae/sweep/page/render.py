@@ -112,6 +112,11 @@ def _table_cells(r: TrialRow, spec: SweepSpec) -> list[str]:
             *([fmt_metric(spec.test_metric, r.test)] if spec.test_metric else [])]
 
 
+def _counts_line(rows: Sequence[TrialRow], spec: SweepSpec) -> str:
+    """The trial counts, and how many run at once when the sweep said so."""
+    return _counts(rows) + "." + (f" {spec.placement}." if spec.placement else "")
+
+
 def _state_sentence(ended: bool, updated: str | None, refresh_s: int | None = None) -> str:
     when = f" Updated {updated}." if updated else ""
     if ended:
@@ -129,7 +134,7 @@ def render_md(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = False,
 
     best = best_row(rows)
     header = _table_header(spec)
-    lines = [f"# {spec.title}", "", _state_sentence(ended, updated), "", _counts(rows) + ".", "",
+    lines = [f"# {spec.title}", "", _state_sentence(ended, updated), "", _counts_line(rows, spec), "",
              f"**Best trial:** {esc(_best_sentence(best, spec))}", "",
              "| " + " | ".join(esc(h) for h in header) + " |",
              "|" + "|".join(" --- " for _ in header) + "|"]
@@ -196,7 +201,7 @@ def render_html(rows: Sequence[TrialRow], spec: SweepSpec, *, ended: bool = Fals
 {page_style(_CSS)}</head>
 <body>
 <h1>{esc(spec.title)}</h1>
-<p class="meta">{esc(_state_sentence(ended, updated, refresh_s))} {esc(_counts(rows))}.</p>
+<p class="meta">{esc(_state_sentence(ended, updated, refresh_s))} {esc(_counts_line(rows, spec))}</p>
 <p class="best-box"><b>Best trial</b> {esc(_best_sentence(best, spec))}</p>
 <table><tr>{header}</tr>
 {chr(10).join(body)}

@@ -47,6 +47,8 @@ class SweepSpec:
     planned_steps: int | None = None
     family_key: str = "model.name"
     title: str = "composeae sweep"
+    placement: str | None = None
+    """How many trials run at once and what each reserves (a sentence), when known."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
