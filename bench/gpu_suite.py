@@ -8,14 +8,22 @@ wheelhouse on a machine without an index) and needs nothing else from outside th
 Phases, each a child process under a hard time limit, all inside `--budget-s`:
 
 1. **shards**: CSS-synth `full` built with every core (`shards synth --workers N`).
-2. **model step**: `bench/bench_gpu.py`, the training step alone (samples/s, ms/step, peak
-   memory, bf16), ComposeAE and TIRG at 64 px and with ResNet-18 at 224 px.
-3. **end to end**: `composeae train` through Ray Train on one GPU worker from the shards, a fixed
-   number of steps, once per value of `data.loader_workers`: samples/s in the steady state (the
-   median of the logged windows after the first), GPU utilisation (`nvidia-smi`, sampled every
-   0.25 s) and CPU cores busy (`/proc/stat`), both over the training window only (from the
-   first to the last progress line), and the start-up before the first step.
-4. **quality**: the best baseline (concat with its sweep winner's settings, BENCHMARKS.md) and
+2. **host**: `bench/bench_step.py --no-compile`, the aten calls of one eager training step (the
+   host dispatches a GPU waits for) at batch 32 and 128, beside the previous path's.
+3. **model step**: `bench/bench_gpu.py`, the training step alone (samples/s, ms/step, GPU busy %,
+   peak memory, bf16) on the previous path, ours eager and ours compiled (`train.compile`,
+   ComposeAE, with its compile time), at 64 px and with ResNet-18 at 224 px.
+4. **end to end**: `composeae train` through Ray Train on one GPU worker from the shards, a fixed
+   number of steps, once per value of `data.loader_workers` eager, then compiled (`--compile`)
+   at the fastest count: samples/s in the steady state (the median of the logged windows after
+   the first), GPU utilisation (`nvidia-smi`, sampled every 0.25 s) and CPU cores busy
+   (`/proc/stat`), both over the training window only (from the first to the last progress
+   line), and the start-up before the first step with its phases (`metrics.json`).
+5. **ddp** (only with more than one GPU): the same run on every GPU, one worker each at the same
+   per-worker batch; scaling efficiency = its samples/s / (GPUs x one GPU's).
+6. **sweep**: the same short sweep (8 trials of a few hundred steps) twice, one trial
+   per GPU and four per GPU (`ray.gpus_per_worker: 0.25`): trials per hour of each.
+7. **quality**: the best baseline (concat with its sweep winner's settings, BENCHMARKS.md) and
    ComposeAE (`css-synth-full.yaml`, its tuned settings) trained one after the other for the
    same number of steps on `full`, as many as the remaining budget allows at the rate phase 3
    measured, with the cosine schedule spread over them; validation R@1 at each quarter and test
@@ -54,7 +62,7 @@ BASELINE = ["model.name=concat", "optim.lr=0.0013", "optim.weight_decay=6.45e-6"
             "model.embed_dim=128", "loss.init_scale=2.07"]
 
 
-PHASES = ("bench_gpu", "e2e", "quality")
+PHASES = ("host", "bench_gpu", "e2e", "ddp", "sweep", "quality")
 """The phases after the shards, which every phase needs."""
 
 
@@ -71,6 +79,12 @@ class Sizes:
     batch_size: int
     """Per worker. One GPU worker at batch 128 is css-synth-full.yaml's global batch (2 x 64)."""
     bench_gpu: tuple[str, ...]
+    bench_step: tuple[str, ...]
+    compile: str
+    """`train.compile` of the compiled end-to-end run."""
+    sweep_steps: int
+    sweep_trials: int
+    """Trials of the sweep phase (8 on a GPU: two waves of four when packed four per GPU)."""
     limits: dict[str, float]
     test_eval_s: float
     """Allowance for the final test evaluation of a quality run (16,200 queries, 86,400 images)."""
@@ -78,15 +92,23 @@ class Sizes:
 
 
 GPU = Sizes(preset="full", config="jobs/configs/css-synth-full.yaml", extra=(), use_gpu=True,
-            loader_workers=(2, 4, 8), e2e_steps=1000, batch_size=128,
+            loader_workers=(4, 8), e2e_steps=1000, batch_size=128,
             bench_gpu=("--steps", "30", "--warmup", "5"),
-            limits={"shards": 150, "bench_gpu": 100, "e2e": 90}, test_eval_s=40,
-            max_steps=20000)
+            bench_step=("--no-compile", "--steps", "3"), compile="reduce-overhead",
+            sweep_steps=300, sweep_trials=8,
+            limits={"shards": 150, "host": 60, "bench_gpu": 200, "e2e": 90, "e2e_compiled": 150,
+                    "sweep": 120}, test_eval_s=40, max_steps=20000)
+# The smoke runs every phase's code at tiny sizes; its "compiled" run stays eager (compiling the
+# model takes minutes on CPU: tests/test_compile.py covers it) and its sweep is two trials.
 SMOKE = Sizes(preset="tiny", config="jobs/configs/tiny.yaml", extra=(), use_gpu=False,
               loader_workers=(1,),
               e2e_steps=6, batch_size=8,
-              bench_gpu=("--cpu-smoke", "--steps", "2", "--warmup", "1", "--batch-size", "4"),
-              limits={"shards": 60, "bench_gpu": 60, "e2e": 60}, test_eval_s=5, max_steps=8)
+              bench_gpu=("--cpu-smoke", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+                         "--compile", "none"),
+              bench_step=("--no-compile", "--steps", "1"), compile="none", sweep_steps=4,
+              sweep_trials=2,
+              limits={"shards": 60, "host": 120, "bench_gpu": 150, "e2e": 60,
+                      "e2e_compiled": 60, "sweep": 120}, test_eval_s=5, max_steps=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default=None,
                         help="folder for shards and runs (default: a new temporary folder)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="wall-clock budget of all phases (default 500; smoke 170)")
+                        help="wall-clock budget of all phases (default 540; smoke 600)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, tiny sizes: checks the script, measures nothing")
     parser.add_argument("--phases", default=",".join(PHASES),
@@ -115,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = SMOKE if args.smoke else GPU
     if args.loader_workers:
         args.sizes = replace(args.sizes, loader_workers=tuple(args.loader_workers))
-    args.budget_s = args.budget_s or (170.0 if args.smoke else 500.0)
+    args.budget_s = args.budget_s or (600.0 if args.smoke else 540.0)
     return args
 
 
@@ -306,6 +328,14 @@ class Suite:
         self.figures["shards_s"] = round(child.wall_s, 1)
         return url
 
+    def host(self) -> None:
+        child = self.run("host calls", [sys.executable, "bench/bench_step.py",
+                                        *self.sizes.bench_step], self.sizes.limits["host"])
+        result = child.last_json() or {}
+        self.figures["host"] = {k: v for k, v in result.items() if k != "bench"}
+        if "aten_calls_per_step" in result:
+            self.figures["aten_calls_per_step"] = result["aten_calls_per_step"]
+
     def bench_gpu(self) -> None:
         child = self.run("model step", [sys.executable, "bench/bench_gpu.py",
                                         *self.sizes.bench_gpu], self.sizes.limits["bench_gpu"])
@@ -314,7 +344,8 @@ class Suite:
 
     def train(self, name: str, data: str, steps: int, overrides: list[str],
               limit_s: float, loader_workers: int) -> tuple[Child, dict[str, Any]]:
-        """`composeae train` on one worker; returns the child and what its run recorded."""
+        """`composeae train` on one worker (unless `overrides` say otherwise); returns the child
+        and what its run recorded."""
         storage = self.work / "runs"
         shutil.rmtree(storage / name, ignore_errors=True)
         log_every = max(1, steps // 20)
@@ -332,30 +363,103 @@ class Suite:
         child = self.run(name, argv, limit_s)
         return child, read_run(storage / name)
 
-    def end_to_end(self, data: str) -> dict[str, Any] | None:
-        """Phase 3; returns the row of the fastest loader-worker count."""
-        rows = []
+    def e2e_run(self, name: str, data: str, workers: int, limit_s: float,
+                extra: list[str] = (), gpus: int = 1) -> dict[str, Any]:
+        """One end-to-end run's row: steady-state samples/s, GPU and CPU use, start-up."""
         steps = self.sizes.e2e_steps
-        for workers in self.sizes.loader_workers:
-            child, run = self.train(f"e2e-lw{workers}", data, steps,
-                                    [f"train.eval_every={steps}", "eval.test_split=val"],
-                                    self.sizes.limits["e2e"], workers)
-            row: dict[str, Any] = {"loader_workers": workers, "wall_s": round(child.wall_s, 1)}
-            rates = [h["samples_per_s"] for h in run.get("history", []) if "samples_per_s" in h]
-            steps_at = [t for t, line in child.lines if PROGRESS.search(line)]
-            if len(rates) >= 2 and len(steps_at) >= 2:
-                rate = statistics.median(rates[1:])
-                row["samples_per_s"] = round(rate, 1)
-                row["startup_s"] = round(steps_at[0] - child.started, 1)
-                row |= self.sampler.window(steps_at[0], steps_at[-1])
-                if row.get("cpu_cores_busy"):
-                    row["samples_per_s_per_core"] = round(rate / row["cpu_cores_busy"], 1)
-                # The whole run's cost outside the training steps: start-up and evaluations.
-                row["overhead_s"] = round(child.wall_s - steps * self.sizes.batch_size / rate, 1)
-            rows.append(row)
-        self.figures["end_to_end"] = rows
+        child, run = self.train(name, data, steps,
+                                [f"train.eval_every={steps}", "eval.test_split=val",
+                                 f"ray.num_workers={gpus}",
+                                 f"train.batch_size={self.sizes.batch_size}", *extra],
+                                limit_s, workers)
+        row: dict[str, Any] = {"loader_workers": workers, "wall_s": round(child.wall_s, 1),
+                               "compile": next((e.split("=", 1)[1] for e in extra
+                                                if e.startswith("train.compile=")), "none")}
+        rates = [h["samples_per_s"] for h in run.get("history", []) if "samples_per_s" in h]
+        steps_at = [t for t, line in child.lines if PROGRESS.search(line)]
+        if len(rates) >= 2 and len(steps_at) >= 2:
+            rate = statistics.median(rates[1:])
+            row["samples_per_s"] = round(rate, 1)
+            row["startup_s"] = round(steps_at[0] - child.started, 1)
+            row["startup_phases_s"] = {k: round(v, 1) for k, v in
+                                       run.get("metrics", {}).get("startup_s", {}).items()}
+            row |= self.sampler.window(steps_at[0], steps_at[-1])
+            if row.get("cpu_cores_busy"):
+                row["samples_per_s_per_core"] = round(rate / row["cpu_cores_busy"], 1)
+            # The whole run's cost outside the training steps: start-up and evaluations.
+            row["overhead_s"] = round(child.wall_s - steps * self.sizes.batch_size * gpus / rate,
+                                      1)
+        if "compile" in run.get("metrics", {}):
+            row["compiled"] = run["metrics"]["compile"]
+        return row
+
+    def end_to_end(self, data: str) -> dict[str, Any] | None:
+        """Phase 4: eager per loader-worker count, then compiled at the fastest; returns the
+        eager row of the fastest count."""
+        rows = [self.e2e_run(f"e2e-lw{w}", data, w, self.sizes.limits["e2e"])
+                for w in self.sizes.loader_workers]
         measured = [r for r in rows if "samples_per_s" in r]
-        return max(measured, key=lambda r: r["samples_per_s"]) if measured else None
+        best = max(measured, key=lambda r: r["samples_per_s"]) if measured else None
+        if best is not None:
+            compiled = self.e2e_run("e2e-compiled", data, best["loader_workers"],
+                                    self.sizes.limits["e2e_compiled"],
+                                    [f"train.compile={self.sizes.compile}"])
+            rows.append(compiled)
+            if "samples_per_s" in compiled:
+                self.figures["e2e_compiled_vs_eager"] = round(
+                    compiled["samples_per_s"] / best["samples_per_s"], 3)
+        self.figures["end_to_end"] = rows
+        return best
+
+    def ddp(self, data: str, best: dict[str, Any] | None) -> None:
+        """Phase 5: every GPU, one worker each at the same per-worker batch."""
+        import torch
+
+        gpus = torch.cuda.device_count() if self.sizes.use_gpu else 0
+        if gpus < 2 or best is None:
+            self.say(f"ddp: {gpus} GPU(s) here, nothing to scale over")
+            return
+        row = self.e2e_run("e2e-ddp", data, best["loader_workers"], self.sizes.limits["e2e"],
+                           gpus=gpus)
+        if "samples_per_s" in row:
+            row["scaling_efficiency"] = round(row["samples_per_s"]
+                                              / (gpus * best["samples_per_s"]), 3)
+        self.figures["ddp"] = row | {"gpus": gpus}
+
+    def sweep(self, data: str) -> None:
+        """Phase 6: the same sweep with one trial per GPU and four per GPU (fractional GPUs)."""
+        rows = {}
+        for per_gpu in (1, 4):
+            name = f"packing-{per_gpu}"
+            sweep = self.work / f"{name}.yaml"
+            steps = self.sizes.sweep_steps
+            gpu_sets = ({"ray.use_gpu": "true", "ray.gpus_per_worker": 1 / per_gpu}
+                        if self.sizes.use_gpu else {"ray.cpus_per_worker": 1 / per_gpu})
+            sets = {"data.url": data, "data.synth_if_missing": "false",
+                    "data.loader_workers": 1, "ray.num_workers": 1,
+                    "train.batch_size": self.sizes.batch_size, "train.steps": steps,
+                    "train.eval_every": steps, "train.log_every": steps,
+                    "eval.test_split": "val", "train.storage": self.work / "sweeps",
+                    **dict(e.split("=", 1) for e in self.sizes.extra), **gpu_sets}
+            sweep.write_text(json.dumps({
+                "base": str(ROOT / self.sizes.config), "name": name,
+                "set": [f"{k}={v}" for k, v in sets.items()],
+                "search": {"optim.lr": {"loguniform": [1e-4, 3e-3]}},
+                "num_samples": self.sizes.sweep_trials, "scheduler": "none", "trial_cpus": 0.25,
+                "max_failures": 0}))
+            shutil.rmtree(self.work / "sweeps" / name, ignore_errors=True)
+            child = self.run(name, [sys.executable, "-m", "composeae.cli", "tune",
+                                    "--config", str(sweep)], self.sizes.limits["sweep"])
+            at_once = next((line.split(" trial(s) at once")[0].split()[-1]
+                            for _, line in child.lines if " trial(s) at once" in line), None)
+            rows[per_gpu] = {"wall_s": round(child.wall_s, 1), "at_once": at_once,
+                             "finished": child.rc == 0,
+                             "trials_per_hour": round(self.sizes.sweep_trials * 3600
+                                                      / child.wall_s, 1)}
+        self.figures["sweep"] = rows
+        if rows[1]["finished"] and rows[4]["finished"]:
+            self.figures["sweep_packing_speedup"] = round(
+                rows[4]["trials_per_hour"] / rows[1]["trials_per_hour"], 2)
 
     def quality(self, data: str, best: dict[str, Any] | None) -> None:
         """Phase 4: ComposeAE and the baseline, the same steps each, within what is left."""
@@ -400,25 +504,61 @@ class Suite:
                  "", f"{machine.get('gpu', 'no GPU')}, {machine.get('cpus')} CPUs, torch "
                  f"{machine.get('torch')}, Ray {machine.get('ray')}; shards built in "
                  f"{f.get('shards_s', '-')} s", ""]
+        host = f.get("host", {})
+        if host.get("aten_calls_per_step"):
+            lines += ["Host calls of one eager step (bench_step.py, aten calls; previous path in "
+                      "brackets):", "", "| model | batch 32 | batch 128 | optimizer |",
+                      "|---|---|---|---|"]
+            for model, counts in host["aten_calls_per_step"].items():
+                before = host.get("aten_calls_previous", {}).get(model, {})
+                lines.append(f"| {model} | {counts.get('32')} ({before.get('32')}) | "
+                             f"{counts.get('128')} ({before.get('128')}) | "
+                             f"{host.get('optimizer_calls', {}).get(model)} |")
+            lines.append("")
         step = f.get("model_step", {})
         if step:
             lines += ["Model step alone (bench_gpu.py, batch %s):" % step.get("batch_size"), "",
-                      "| row | ComposeAE samples/s | TIRG samples/s | peak GB |", "|---|---|---|---|"]
+                      "| row | model | path | samples/s | GPU busy % | x previous | peak GB |",
+                      "|---|---|---|---|---|---|---|"]
             for key, label in (("", "small_cnn 64 px"), ("_resnet18_224", "resnet18 224 px")):
-                lines.append(f"| {label} | {step.get(f'composeae{key}_samples_per_s', '-')} | "
-                             f"{step.get(f'tirg{key}_samples_per_s', '-')} | "
-                             f"{step.get(f'composeae{key}_peak_mem_gb', '-')} |")
+                for model in ("composeae", "tirg"):
+                    for path in ("previous", "eager", "compiled"):
+                        name = f"{model}{key}" + ("" if path == "eager" else f"_{path}")
+                        if f"{name}_samples_per_s" not in step:
+                            continue
+                        lines.append(
+                            f"| {label} | {model} | {path} | {step[f'{name}_samples_per_s']} | "
+                            f"{step.get(f'{name}_gpu_busy_pct', '-')} | "
+                            f"{step.get(f'{name}_speedup_vs_previous', '-')} | "
+                            f"{step.get(f'{name}_peak_mem_gb', '-')} |")
             lines.append("")
         if f.get("end_to_end"):
             lines += ["End to end through Ray Train, one worker, batch "
                       f"{self.sizes.batch_size} (steady state):", "",
-                      "| loader workers | samples/s | GPU util % | CPU cores busy | samples/s "
-                      "per core | start-up s | wall s |", "|---|---|---|---|---|---|---|"]
-            for r in f["end_to_end"]:
-                lines.append(f"| {r['loader_workers']} | {r.get('samples_per_s', 'failed')} | "
+                      "| compile | loader workers | samples/s | GPU util % | CPU cores busy | "
+                      "samples/s per core | start-up s | wall s |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in f["end_to_end"] + ([f["ddp"]] if f.get("ddp") else []):
+                what = r["compile"] + (f", DDP on {r['gpus']} GPUs" if "gpus" in r else "")
+                lines.append(f"| {what} | {r['loader_workers']} | "
+                             f"{r.get('samples_per_s', 'failed')} | "
                              f"{r.get('gpu_util_pct', '-')} | {r.get('cpu_cores_busy', '-')} | "
                              f"{r.get('samples_per_s_per_core', '-')} | "
                              f"{r.get('startup_s', '-')} | {r['wall_s']} |")
+            lines.append("")
+            for r in f["end_to_end"]:
+                if r.get("startup_phases_s"):
+                    lines.append(f"Start-up ({r['compile']}): " + ", ".join(
+                        f"{k} {v} s" for k, v in r["startup_phases_s"].items()))
+            if f.get("ddp", {}).get("scaling_efficiency"):
+                lines.append(f"DDP scaling efficiency: {f['ddp']['scaling_efficiency']}")
+            lines.append("")
+        if f.get("sweep"):
+            lines += [f"Sweep of {self.sizes.sweep_trials} short trials:", "",
+                      "| trials per GPU | at once | wall s | trials per hour |", "|---|---|---|---|"]
+            for per_gpu, r in f["sweep"].items():
+                lines.append(f"| {per_gpu} | {r['at_once']} | {r['wall_s']} | "
+                             f"{r['trials_per_hour'] if r['finished'] else 'failed'} |")
             lines.append("")
         if f.get("quality"):
             lines += [f"Quality on CSS-synth {self.sizes.preset}, {f['quality_steps']} steps each "
@@ -443,9 +583,15 @@ class Suite:
             if not (Path(data) / "manifest.json").exists():
                 return self.finish()
             phases = self.args.phases
+            if "host" in phases:
+                self.host()
             if "bench_gpu" in phases:
                 self.bench_gpu()
             best = self.end_to_end(data) if "e2e" in phases else None
+            if "ddp" in phases:
+                self.ddp(data, best)
+            if "sweep" in phases:
+                self.sweep(data)
             if "quality" in phases:
                 if best is None and not self.args.quality_steps:
                     self.failed.append("quality")

@@ -88,7 +88,9 @@ Top-level keys (only these; anything else is an error):
   fits as many as the cluster's CPUs and GPUs hold (`Sweep.concurrency`).
 - `trial_cpus` (default 1): CPUs reserved by each trial's driver process, which only builds the
   Train run and waits on it; the Train workers reserve their own (`ray.cpus_per_worker`). A
-  fraction such as 0.1 lets a small sweep run on a laptop.
+  fraction such as 0.1 lets a small sweep run on a laptop. On GPUs, `ray.gpus_per_worker: 0.25`
+  in `set:` packs four single-worker trials on one GPU (small models leave most of a card idle);
+  `composeae tune` and the sweep's page say how many trials run at once.
 - `max_failures` (default 1): how many times Tune restarts a failed trial (its Train run then
   resumes from its last checkpoint). Worker failures inside a trial are `ray.max_failures`.
 - `storage` (default: the base config's `train.storage`): where the sweep and its trials' Train
