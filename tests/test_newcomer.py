@@ -49,9 +49,12 @@ def test_a_changed_config_resumes_as_started_and_says_which_keys_it_ignores(tmp_
     assert "train.steps (6 -> 2000)" in note and "optim.lr (0.001 -> 0.5)" in note
     assert "resumes as it was started" in note and "--set train.name=tiny-2" in note
     assert "ray." not in note and "\n" not in note
-    # Only where it runs changed: nothing to say.
-    one = load_config(TINY, [f"train.storage={tmp_path}", "ray.num_workers=1"])
-    assert one.train.batch_size == 16 and resume_as_started(one)[1] is None
+    # Only where or how it runs changed (workers, compiling): nothing to say; both follow.
+    one = load_config(TINY, [f"train.storage={tmp_path}", "ray.num_workers=1",
+                             "train.compile=default"])
+    resumed, note = resume_as_started(one)
+    assert one.train.batch_size == 16 and note is None
+    assert resumed.train.compile == "default" and resumed.ray.num_workers == 1
 
 
 def test_a_finished_run_with_a_changed_config_trains_nothing_and_says_so(tmp_path, css_tiny,

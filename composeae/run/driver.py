@@ -204,10 +204,12 @@ def started_config(cfg: Config) -> Config | None:
 
 
 def _what_it_is(cfg: Config) -> dict[str, Any]:
-    """The keys that make a run what it is: all but where it runs (`ray`, and the per-worker
-    batch that follows from the workers; the global batch stays)."""
+    """The keys that make a run what it is: all but where and how it runs (`ray`, the
+    per-worker batch that follows from the workers (the global batch stays), and
+    `train.compile`, whose checkpoints are an eager run's)."""
     flat = {f"{section}.{key}": value for section, values in config_to_dict(cfg).items()
-            if section != "ray" for key, value in values.items() if key != "batch_size"}
+            if section != "ray" for key, value in values.items()
+            if key not in ("batch_size", "compile")}
     return flat | {"global batch": global_batch(cfg)}
 
 
@@ -219,7 +221,8 @@ def changed_keys(started: Config, cfg: Config) -> list[str]:
 
 def resume_as_started(cfg: Config) -> tuple[Config, str | None]:
     """`cfg`, or for a run that exists the config it was started with (with `cfg`'s `ray`
-    section, and the per-worker batch that keeps its global batch on those workers), and one
+    section and `train.compile`, and the per-worker batch that keeps its global batch on those
+    workers), and one
     line naming the keys that differ and what happens; None when nothing differs.
 
     The rule: an unfinished run resumes as it was started; a finished run trains nothing. To
@@ -234,7 +237,7 @@ def resume_as_started(cfg: Config) -> tuple[Config, str | None]:
                         f"be split evenly over {workers} workers (ray.num_workers); resume it on "
                         f"a number of workers that divides it, or give it a new train.name")
     resumed = replace(started, ray=config_to_dict(cfg)["ray"],
-                      train={"batch_size": total // workers})
+                      train={"batch_size": total // workers, "compile": cfg.train.compile})
     changed = changed_keys(started, cfg)
     if not changed:
         return resumed, None
@@ -242,7 +245,8 @@ def resume_as_started(cfg: Config) -> tuple[Config, str | None]:
     finished = storage.exists(storage.join(run_url(absolute_paths(cfg)), layout.METRICS_FILE))
     what = ("has finished; its config differs in {}, which is ignored: nothing is trained"
             if finished else "exists and was started with another config: {} differ; it resumes "
-            "as it was started (only the ray section follows this submission)").format(listed)
+            "as it was started (only the ray section and train.compile follow this "
+            "submission)").format(listed)
     return resumed, (f"run {name} {what}; to run the changed config, give it a new name: "
                      f"--set train.name={name}-2")
 
