@@ -117,7 +117,7 @@ def host_batches(batch_size: int, image_size: int,
              "modifier": modifier_texts(batch_size, rng)} for _ in range(HOST_BATCHES)]
 
 
-def for_path(batches: list[dict[str, Any]], path: str, model, width: int | None,
+def for_path(batches: list[dict[str, Any]], path: str, model,
              pin: bool) -> list[dict[str, Any]]:
     """The batches one path starts from: `previous` float32 images (normalised on the host,
     pinned) and strings; the others uint8 images and token ids (what the loader makes)."""
@@ -131,7 +131,7 @@ def for_path(batches: list[dict[str, Any]], path: str, model, width: int | None,
                 images = {k: v.pin_memory() for k, v in images.items()}
             out.append({**images, "modifier": batch["modifier"]})
         else:
-            out.append({**batch, "tokens": model.tokenize_fn(width)(batch["modifier"])})
+            out.append({**batch, "tokens": model.tokenize_fn()(batch["modifier"])})
     return out
 
 
@@ -211,7 +211,6 @@ def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
     import itertools
 
     from composeae.data.device import device_batches
-    from composeae.run.compiling import token_width
     from composeae.run.worker import train_step  # the step every rank of a training run takes
 
     cuda = device.type == "cuda"
@@ -223,7 +222,7 @@ def measure(model_name: str, row: Row, batches, tokenizer, device: torch.device,
     model, optimizer, scheduler, cfg = build(model_name, row, tokenizer, device,
                                              2 * args.warmup + 2 * args.steps, path, compile_mode)
     model.train()
-    host = for_path(batches, path, model.module, token_width(cfg), pin=cuda)
+    host = for_path(batches, path, model.module, pin=cuda)
     # `previous` hands host batches to the step (it copies them); the others go through the
     # trainer's feed (pinned, copied ahead on a side stream, normalised on the device).
     feed = iter(itertools.cycle(host)) if path == "previous" else \

@@ -92,11 +92,10 @@ class Setting:
         if path == "compiled":
             self.model.compile()
         self.path, self.texts = path, modifiers(batch, rng)
-        width = cfg.model.max_text_len if path == "compiled" else None
         self.batch = {"reference": torch.randn(batch, 3, 64, 64),
                       "target": torch.randn(batch, 3, 64, 64), "modifier": self.texts}
         if path != "previous":  # made by the loader workers, outside the step
-            self.batch["tokens"] = self.model.tokenize_fn(width)(self.texts)
+            self.batch["tokens"] = self.model.tokenize_fn()(self.texts)
         self.device = torch.device("cpu")
 
     def step(self) -> None:

@@ -71,7 +71,7 @@ class MeanColour(torch.nn.Module):
     def compose(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.embed_target(images)
 
-    def tokenize_fn(self, width: int | None = None) -> None:
+    def tokenize_fn(self) -> None:
         return None  # it never reads the modifier: the loader has nothing to tokenise
 
 

@@ -68,28 +68,13 @@ def test_loader_tokens_equal_the_models_own_tokenisation(tiny_model_and_cfg):
         assert torch.equal(from_tokens, from_strings)
 
 
-def test_a_fixed_width_changes_no_embedding(tiny_model_and_cfg):
-    """A compiled model is fed rows padded to `max_text_len`: the same queries come out."""
-    model, cfg = tiny_model_and_cfg
-    batch = next(iter(eval_batches(cfg.data, "test", "queries", 32, rank=0, world_size=1,
-                                   tokenize=model.tokenize_fn(cfg.model.max_text_len),
-                                   normalise=False)))
-    tokens = batch[TOKENS]
-    assert tokens.ids.shape[1] == cfg.model.max_text_len
-    images = normalise(batch["reference"])
-    with torch.no_grad():
-        fixed = model.compose(images, tokens)
-        longest = model.compose(images, batch["modifier"])
-    torch.testing.assert_close(fixed, longest, rtol=1e-5, atol=1e-6)
-
-
 def test_padding_fills_ids_and_masks_per_row():
     tokenizer = WordTokenizer(["add", "red", "circle"])
     ids, mask = tokenizer.encode(["add red circle", "", "red unknownword", "circle " * 9], 5)
     assert ids.tolist() == [[2, 3, 4, 0, 0], [1, 0, 0, 0, 0], [3, 1, 0, 0, 0], [4, 4, 4, 4, 4]]
     assert mask.sum(1).tolist() == [3, 1, 2, 5]
-    ids, mask = tokenizer.encode(["add"], 5, width=5)
-    assert ids.tolist() == [[2, 0, 0, 0, 0]] and mask.tolist() == [[1, 0, 0, 0, 0]]
+    ids, mask = tokenizer.encode(["add", "red circle"], 5)
+    assert ids.tolist() == [[2, 0], [3, 4]] and mask.tolist() == [[1, 0], [1, 1]]
 
 
 def test_wordpiece_pads_with_its_own_pad_id():

@@ -85,14 +85,12 @@ class RetrievalModel(nn.Module):
         return {}
 
     # -- the shared interface ----------------------------------------------------------------
-    def tokenize_fn(self, width: int | None = None) -> Callable[[Sequence[str]], Tokens] | None:
+    def tokenize_fn(self) -> Callable[[Sequence[str]], Tokens] | None:
         """Strings -> `Tokens` as this model tokenises them, for the DataLoader workers (a
-        picklable partial); `width` pads every row to it (else to the batch's longest row).
-        None for a model that never reads the modifier."""
+        picklable partial). None for a model that never reads the modifier."""
         if self.text_encoder is None:
             return None
-        return functools.partial(text_tokens, self.tokenizer, max_len=self.cfg.max_text_len,
-                                 width=width)
+        return functools.partial(text_tokens, self.tokenizer, max_len=self.cfg.max_text_len)
 
     def encode_text(self, texts: "list[str] | Tokens") -> torch.Tensor | None:
         return self.text_encoder(texts) if self.text_encoder is not None else None

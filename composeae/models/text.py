@@ -11,11 +11,11 @@ Two kinds, both built from the training corpus so nothing is downloaded:
 
 Training and evaluation tokenise in the DataLoader workers (`composeae.data.stream`), so the
 trainer's process receives `Tokens` and never walks strings; a model handed strings tokenises
-them itself, the same way (`text_tokens`). Rows are padded to the batch's longest row, or to
-exactly `width` when given (a compiled model then sees one shape). Padding never changes an
-encoder's output: the LSTM reads the hidden state at each row's last real token and BERT masks
-the padding out; but the LSTM runs over it, so eager training pads no further than it must
-(measured on CPU: padding CSS-like modifiers to a multiple of 8 cost 8-10% of a batch-128 step).
+them itself, the same way (`text_tokens`). Rows are padded to the batch's longest row and no
+further: padding never changes an encoder's output (the LSTM reads the hidden state at each
+row's last real token, BERT masks it out), but the LSTM runs over it (measured on CPU: padding
+CSS-like modifiers to a multiple of 8 cost 8-10% of a batch-128 step). A compiled model takes
+the varying width as a dynamic size (`composeae.run.compiling.dynamic_text`).
 """
 
 from __future__ import annotations
@@ -44,20 +44,18 @@ class Tokens(NamedTuple):
 class TextTokenizer(Protocol):
     vocab_size: int
 
-    def encode(self, texts: Sequence[str], max_len: int,
-               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, T) int64 and attention mask (B, T) int64: T is `width` when given,
-        else the longest row's length; rows are cut at `max_len` tokens."""
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) int64 and attention mask (B, T) int64: T is the longest row's
+        length; rows are cut at `max_len` tokens."""
 
     def state(self) -> dict: ...
 
 
-def _pad(rows: list[list[int]], max_len: int, width: int | None,
+def _pad(rows: list[list[int]], max_len: int,
          pad_id: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ids -> (ids, mask) (B, T), filled in numpy: one tensor per batch, not per row."""
     rows = [r[:max_len] or [UNK] for r in rows]  # an empty text still yields one token
-    if width is None:
-        width = max((len(r) for r in rows), default=1)
+    width = max((len(r) for r in rows), default=1)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     mask = np.arange(width) < lengths[:, None]  # (B, T) bool
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -81,10 +79,9 @@ class WordTokenizer:
         return cls([w for w, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                     if c >= min_count])
 
-    def encode(self, texts: Sequence[str], max_len: int,
-               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _pad([[self.index.get(w, UNK) for w in _WORD.findall(t.lower())] for t in texts],
-                    max_len, width)
+                    max_len)
 
     def state(self) -> dict:
         return {"kind": "word", "words": self.words}
@@ -121,23 +118,22 @@ class WordPieceTokenizer:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(tokenizer.backend_tokenizer.to_str())
 
-    def encode(self, texts: Sequence[str], max_len: int,
-               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [e.ids[:max_len] for e in self.tokenizer.encode_batch(list(texts))]
-        return _pad(rows, max_len, width, self.pad_id)
+        return _pad(rows, max_len, self.pad_id)
 
     def state(self) -> dict:
         return {"kind": "wordpiece", "json": self.json}
 
 
-def text_tokens(tokenizer: TextTokenizer, texts: "Sequence[str] | Tokens", max_len: int,
-                width: int | None = None) -> Tokens:
+def text_tokens(tokenizer: TextTokenizer, texts: "Sequence[str] | Tokens",
+                max_len: int) -> Tokens:
     """`texts` as `Tokens`: strings are tokenised, `Tokens` (made in a loader) pass as they are."""
     if isinstance(texts, Tokens):
         return texts
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
-    return Tokens(*tokenizer.encode(texts, max_len, width))
+    return Tokens(*tokenizer.encode(texts, max_len))
 
 
 def tokenizer_from_state(state: dict) -> TextTokenizer:

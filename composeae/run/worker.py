@@ -43,7 +43,7 @@ from composeae.report import tblog
 from composeae.report.tables import format_table
 from composeae.run import layout
 from composeae.run.build import create_model
-from composeae.run.compiling import CompileWatch, prepare_for_device, token_width
+from composeae.run.compiling import CompileWatch, dynamic_text, prepare_for_device
 
 
 @dataclass
@@ -207,6 +207,8 @@ def train_step(model, optimizer, scheduler, batch: dict[str, Any], cfg: Config,
     reference = batch["reference"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
     texts = batch[TOKENS] if TOKENS in batch else list(batch[cfg.data.text_mode])
+    if cfg.train.compile != "none" and TOKENS in batch:
+        dynamic_text(texts)  # one graph for every modifier length
     with autocast_context(device, cfg.train.precision):
         terms = model(reference, texts, target)
     optimizer.zero_grad(set_to_none=True)
@@ -355,7 +357,7 @@ class _Worker:
         # `device_batches` copies ahead and normalises on the device.
         stream = TrainStream(cfg.data, global_batch(cfg) // self.world_size, rank=self.rank,
                              world_size=self.world_size, seed=cfg.train.seed,
-                             tokenize=unwrap(self.model).tokenize_fn(token_width(cfg)),
+                             tokenize=unwrap(self.model).tokenize_fn(),
                              normalise=False)
         self.progress = _Progress(cfg, self.rank, self.world_size, self.tensorboard_url,
                                   state.step)
