@@ -2,9 +2,11 @@
 
     composeae index  --checkpoint URL | --registry URL [--alias champion]  --data URL
                      [--split test] [--out URL] [--dtype float16] [--workers N]
+                     [--kind exact|ivf|hnsw [--lists N] [--hnsw-m M] [--codes sq8|flat]]
     composeae search --index URL  --image PATH | --ref GALLERY_ID  --text "..." [--k 10]
-                     [--html OUT]
+                     [--html OUT] [--probe N] [--rerank F] [--exact]
     composeae serve  --registry URL [--alias champion] [--port 8000] [--poll 10]
+                     [--shards N] [--probe N] [--rerank F] [--exact] [--batch N]
 
 `register(subparsers)` adds them to the top-level parser. Bad input ends in one line (`UserError`).
 """
@@ -35,6 +37,14 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float16", help="float16 (default) or float32")
     p.add_argument("--workers", type=int, default=None,
                    help="most embedding actors at once (default: the checkpoint's ray.num_workers)")
+    p.add_argument("--kind", default="exact",
+                   help="exact (default: the blocks alone), or an approximate index built on "
+                        "them: ivf (k-means lists) or hnsw (a graph)")
+    p.add_argument("--lists", type=int, default=None,
+                   help="ivf: k-means lists (default 4 x sqrt(rows), a power of two)")
+    p.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per row (default 32)")
+    p.add_argument("--codes", default=None,
+                   help="ivf/hnsw: how rows are stored in it: sq8 (8-bit, default) or flat")
     p.set_defaults(func=run_index)
 
     p = subparsers.add_parser("search", help="top-k gallery images of a composed query")
@@ -46,6 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--k", default="10", help="results (default 10)")
     p.add_argument("--html", default=None, metavar="OUT.html",
                    help="also write a page with the images (path or s3://)")
+    _search_knobs(p)
     p.set_defaults(func=run_search)
 
     p = subparsers.add_parser("serve", help="serve a registry alias's model and index over HTTP "
@@ -59,15 +70,44 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", default="1", help="replicas, or `auto` for Ray Serve's "
                                                    "autoscaling (default 1)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs per replica (default 1)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="shard actors holding the gallery's rows, 1/N each, searched exactly "
+                        "and merged (default 1: the replica holds them)")
+    p.add_argument("--shard-cpus", type=float, default=1.0,
+                   help="CPUs per shard actor (default 1)")
+    _search_knobs(p)
+    p.add_argument("--batch", type=int, default=16,
+                   help="most concurrent requests answered together, waiting up to 50 ms "
+                        "for them (default 16; 1: one by one, the least latency for a lone "
+                        "client)")
     p.add_argument("--detach", action="store_true",
                    help="return once deployed (on a cluster joined through RAY_ADDRESS)")
     p.set_defaults(func=run_serve)
 
 
+def _search_knobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", default=None,
+                   help="approximate index: ivf lists visited (nprobe) or hnsw candidate list "
+                        "(efSearch); default: the manifest's")
+    p.add_argument("--rerank", default=None,
+                   help="approximate index: re-score rerank x k candidates on the stored rows "
+                        "(0: the index's own scores); default: the manifest's")
+    p.add_argument("--exact", action="store_true",
+                   help="search exactly even where the index has an approximate one")
+
+
+def _check_exact(args: argparse.Namespace) -> None:
+    if args.exact and (args.probe is not None or args.rerank is not None):
+        raise UserError("--exact searches without the approximate index: give no --probe or "
+                        "--rerank with it")
+
+
 def run_index(args: argparse.Namespace) -> None:
     from composeae.run.eval_job import checkpoint_test_split
+    from composeae.serve.ann import check_spec
     from composeae.serve.index import build_index, registry_index_url, resolve_model
 
+    ann = check_spec(args.kind, args.lists, args.hnsw_m, args.codes)  # before loading anything
     if args.alias is not None and args.registry is None:
         raise UserError("--alias needs --registry")
     model = resolve_model(args.checkpoint, args.registry, args.alias)
@@ -78,7 +118,7 @@ def run_index(args: argparse.Namespace) -> None:
             raise UserError("index --checkpoint needs --out URL")
         out = registry_index_url(model["registry"], model["version"])
     done = build_index(model, args.data, out, split=split, dtype=args.dtype,
-                       workers=args.workers)
+                       workers=args.workers, ann=ann)
     _release_ray()
     m = done.manifest
     what = (f"version {m['model']['version']}" if m["model"].get("version") is not None
@@ -90,6 +130,10 @@ def run_index(args: argparse.Namespace) -> None:
     resumed = f"; {done.resumed} block(s) kept from an interrupted build" if done.resumed else ""
     print(f"indexed {m['count']} images of {m['data']['url']} [{m['data']['split']}] with "
           f"{what}: dim {m['dim']}, {m['dtype']}, {len(m['blocks'])} blocks{resumed}")
+    if "ann" in m:
+        print(f"approximate index: {m['ann']['factory']} ({m['ann']['file']}); search "
+              f"defaults probe {m['ann']['search']['probe']}, rerank "
+              f"{m['ann']['search']['rerank']}")
     print(f"index: {done.url}")
 
 
@@ -115,13 +159,15 @@ def run_search(args: argparse.Namespace) -> None:
                 image = f.read()
         except OSError as exc:
             raise UserError(f"cannot read --image {args.image}: {exc.strerror}") from None
-    index = load_index(args.index)
+    _check_exact(args)
+    index = load_index(args.index, ann=not args.exact)
     k = check_k(args.k, len(index))
-    searcher = Searcher.load(index)
+    searcher = Searcher.load(index, probe=args.probe, rerank=args.rerank, exact=args.exact)
     result = searcher.search(text, k, ref=args.ref, image=image)
     version = result["version"]
     print(f"top {k} of {len(index)} for {args.ref or args.image} + {text!r} "
-          f"(model {'version ' + str(version) if version is not None else 'checkpoint'}):")
+          f"(model {'version ' + str(version) if version is not None else 'checkpoint'}, "
+          f"{searcher.method}):")
     for rank, item in enumerate(result["results"], 1):
         print(f"{rank:>4}  {item['score']:.4f}  {item['id']}")
     if args.html:
@@ -156,11 +202,14 @@ def run_serve(args: argparse.Namespace) -> None:
     replicas = args.replicas
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) > 0):
         raise UserError(f"--replicas must be a positive number or auto, got {replicas!r}")
+    settings = check_serve_settings(args, read_manifest(index_url))
     init_ray(Config())
+    check_shard_cpus(args, replicas)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(registry.url, args.alias, poll_s=args.poll,
                         num_replicas=replicas if replicas == "auto" else int(replicas),
-                        num_cpus=args.cpus), name="composeae", route_prefix="/")
+                        num_cpus=args.cpus, settings=settings), name="composeae",
+              route_prefix="/")
     print(f"serving {args.alias} (version {version}) of {registry.url} at "
           f"http://{args.host}:{args.port}/ (POST /search, GET /image/ID, GET /status)",
           flush=True)
@@ -174,3 +223,44 @@ def run_serve(args: argparse.Namespace) -> None:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def check_serve_settings(args: argparse.Namespace, manifest: dict) -> dict:
+    """`serve`'s search settings (`app.SEARCH_SETTINGS`), checked against the index in service
+    before anything starts; `UserError` for a bad one."""
+    from composeae.serve.ann import check_knobs
+    from composeae.serve.sharded import split_blocks
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be 1 or more, got {args.batch}")
+    if args.shards != 1:
+        if args.probe is not None or args.rerank is not None:
+            raise UserError("--shards searches exactly: --probe and --rerank apply to one "
+                            "replica holding an approximate index")
+        split_blocks([b["count"] for b in manifest["blocks"]], args.shards)
+    elif args.exact:
+        _check_exact(args)
+    else:
+        check_knobs(manifest.get("ann"), args.probe, args.rerank)
+    if not args.shard_cpus > 0:
+        raise UserError(f"--shard-cpus must be more than 0, got {args.shard_cpus:g}")
+    return {"shards": args.shards, "shard_cpus": args.shard_cpus, "probe": args.probe,
+            "rerank": args.rerank, "exact": args.exact, "batch": args.batch}
+
+
+def check_shard_cpus(args: argparse.Namespace, replicas: str) -> None:
+    """Sharded replicas fit the Ray they start on, with room for a swap's second set of shard
+    actors (they load beside the ones in service); `UserError` otherwise, instead of actors
+    waiting for CPUs that never come."""
+    import ray
+
+    if args.shards == 1 or replicas == "auto":
+        return
+    shards = args.shards * args.shard_cpus
+    need = int(replicas) * (args.cpus + 2 * shards)
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise UserError(f"{replicas} replica(s) of --cpus {args.cpus:g} with --shards "
+                        f"{args.shards} x --shard-cpus {args.shard_cpus:g} need {need:g} CPUs "
+                        f"(the shards twice: a promotion loads the next ones beside them); Ray "
+                        f"has {have:g}")

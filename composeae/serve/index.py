@@ -18,6 +18,10 @@ on blocks without a manifest (an interrupted build) it makes the rebuild resume:
 written whole, its `.json` after its `.npy`, and shards whose `.json` exists are not embedded
 again.
 
+An approximate index (`--kind ivf|hnsw`, `composeae.serve.ann`) is built from the blocks once
+they are all there: `ann/<build>-<kind>-<digest>.faiss`, named in the manifest under "ann" with
+its parameters; the blocks stay, for re-ranking and exact search.
+
 A pointer is the byte range of the image member inside its shard, so `read_image` fetches one
 image with one ranged read (a seek locally, a `Range` GET on S3) instead of scanning a tar.
 
@@ -38,7 +42,8 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -52,6 +57,7 @@ from composeae.data import schema, shardset
 from composeae.data.tarstream import StreamErrors, group_samples, open_shard, tar_members
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
+from composeae.serve.ann import ANN, AnnSpec, build_ann, load_ann, rate_line
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
 from composeae.storage import absolute_url
 
@@ -266,10 +272,18 @@ class Built:
     """Blocks found from an interrupted build of the same digest and not embedded again."""
 
 
+def _same_ann(entry: dict | None, spec: AnnSpec | None, rows: int) -> bool:
+    if spec is None or entry is None:
+        return spec is None and entry is None
+    return entry["params"] == asdict(spec.resolved(rows))
+
+
 def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: str = "test",
-                dtype: str = "float16", workers: int | None = None) -> Built:
+                dtype: str = "float16", workers: int | None = None,
+                ann: AnnSpec | None = None) -> Built:
     """Embed the gallery of `data_url`'s `split` with `model` (`resolve_model`'s record) into an
-    index at `out_url`; a no-op when the same model and gallery are indexed there already."""
+    index at `out_url`, and build the approximate index `ann` from it when one is asked for; a
+    no-op when the same model, gallery and approximate index are there already."""
     from composeae.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
@@ -282,7 +296,8 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
     ckpt_sha = hashlib.sha256(storage.read_bytes(ckpt_url)).hexdigest()
     build = build_digest(ckpt_sha, fingerprint, split, dtype)
     existing = read_manifest(out_url)
-    if existing is not None and existing.get("build") == build:
+    if (existing is not None and existing.get("build") == build
+            and _same_ann(existing.get("ann"), ann, existing["count"])):
         return Built(out_url, existing, built=False)
 
     done = {n.removesuffix(".json") for n in storage.listdir(storage.join(out_url, BLOCKS))
@@ -304,14 +319,20 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
                  if len(todo) < len(shards) else "")
         ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"name": s["name"], "url": s["url"]} for s in todo]
-        rows = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        embedded = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardEmbedder, batch_size=1, num_cpus=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
             fn_constructor_kwargs={"checkpoint_url": ckpt_url, "out_url": out_url,
-                                   "build": build, "dtype": dtype},
-        ).take_all()
-        if len(rows) != len(todo):
-            raise RuntimeError(f"{len(rows)} of {len(todo)} gallery shards were embedded")
+                                   "build": build, "dtype": dtype})
+        # Rows stream back as shards finish: one progress line per block (done/total, rate, ETA).
+        started, total = time.monotonic(), sum(int(s.get("count") or 0) for s in todo)
+        done = images = 0
+        for row in embedded.iter_rows():
+            done, images = done + 1, images + int(row["count"])
+            log.info(rate_line("embedding the gallery", done, len(todo), images,
+                               max(total, images), started))
+        if done != len(todo):
+            raise RuntimeError(f"{done} of {len(todo)} gallery shards were embedded")
 
     blocks, dim = [], 0
     for shard in shards:
@@ -319,18 +340,44 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
         meta = json.loads(storage.read_text(storage.join(out_url, BLOCKS, name + ".json")))
         blocks.append({"name": name, "shard": shard["name"], "count": meta["count"]})
         dim = dim or meta["dim"]
+    count = sum(b["count"] for b in blocks)
+    ann_entry = None
+    if ann is not None:
+        ann_entry = build_ann(out_url, build, ann, [
+            (lambda name=b["name"]: read_block_rows(out_url, name)) for b in blocks],
+            count, dim, log.info)
     manifest = {
         "format": FORMAT, "build": build, "dtype": dtype, "dim": dim,
-        "count": sum(b["count"] for b in blocks),
+        "count": count,
         "model": dict(model, checkpoint=ckpt_url, checkpoint_sha256=ckpt_sha,
                       model_name=cfg.model.name),
         "data": {"url": data_url, "split": split, "fingerprint": fingerprint},
         "blocks": blocks,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if ann_entry is not None:
+        manifest["ann"] = ann_entry
     storage.write_text(storage.join(out_url, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-    _remove_other_builds(out_url, build)
+    _remove_other_builds(out_url, build, ann_entry)
     return Built(out_url, manifest, built=True, resumed=len(shards) - len(todo))
+
+
+def add_ann(url: str, spec: AnnSpec) -> Built:
+    """Build the approximate index `spec` onto the built index at `url` (its blocks as they
+    are) and write its manifest again, naming it; a no-op when it names that one already."""
+    url = absolute_url(url)
+    manifest = read_manifest(url)
+    if manifest is None:
+        raise UserError(f"no index at {url} ({MANIFEST} not found; `composeae index` builds one)")
+    if _same_ann(manifest.get("ann"), spec, manifest["count"]):
+        return Built(url, manifest, built=False)
+    entry = build_ann(url, manifest["build"], spec, [
+        (lambda name=b["name"]: read_block_rows(url, name)) for b in manifest["blocks"]],
+        manifest["count"], manifest["dim"], log.info)
+    manifest = dict(manifest, ann=entry)
+    storage.write_text(storage.join(url, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+    _remove_other_builds(url, manifest["build"], entry)
+    return Built(url, manifest, built=True)
 
 
 def build_version_index(registry_url: str, version: int, data_url: str, split: str) -> Built:
@@ -344,11 +391,16 @@ def build_version_index(registry_url: str, version: int, data_url: str, split: s
     return done
 
 
-def _remove_other_builds(out_url: str, build: str) -> None:
-    """Blocks of earlier builds, unreachable once the new manifest is in place."""
+def _remove_other_builds(out_url: str, build: str, ann_entry: dict | None = None) -> None:
+    """Blocks and approximate indexes of earlier builds, unreachable once the new manifest is in
+    place."""
     for name in storage.listdir(storage.join(out_url, BLOCKS)):
         if not name.startswith(build + "-"):
             storage.remove(storage.join(out_url, BLOCKS, name))
+    keep = ann_entry["file"] if ann_entry else None
+    for name in storage.listdir(storage.join(out_url, ANN)):
+        if f"{ANN}/{name}" != keep:
+            storage.remove(storage.join(out_url, ANN, name))
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -358,9 +410,9 @@ class GalleryIndex:
     """An index in memory: (N, D) embeddings, one id per row and where its image lies."""
     url: str
     manifest: dict[str, Any]
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | None
     """(N, D) unit rows: the stored values (the manifest's dtype) held as `load_index`'s
-    `memory_dtype`."""
+    `memory_dtype`; None when loaded without them (a sharded gallery's front)."""
     ids: list[str]
     labels: list[str]
     shard_of: np.ndarray
@@ -370,6 +422,12 @@ class GalleryIndex:
     exts: list[str]
     shard_urls: list[str]
     row_of: dict[str, int] = field(default_factory=dict)
+    ann: Any = None
+    """The approximate index (a FAISS index) when the manifest names one and it was loaded."""
+
+    @property
+    def ann_entry(self) -> dict | None:
+        return self.manifest.get("ann")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -390,8 +448,20 @@ class GalleryIndex:
         return data, "image/png" if self.exts[row] == "png" else "image/jpeg"
 
 
-def load_index(url: str, memory_dtype: str = "float32") -> GalleryIndex:
-    """Read the index at `url` whole; `UserError` when there is none.
+def read_block_rows(url: str, name: str, mmap: bool = False) -> np.ndarray:
+    """The stored (n, D) rows of block `name` of the index at `url`; `mmap`: mapped from the
+    local file, not read (the page cache holds them, shared and reclaimable)."""
+    path = storage.join(url, BLOCKS, name + ".npy")
+    if mmap and not storage.is_s3(path):
+        return np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, never written
+    return np.load(io.BytesIO(storage.read_bytes(path)))
+
+
+def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
+               ann: bool = True) -> GalleryIndex:
+    """Read the index at `url` whole; `UserError` when there is none. `rows=False` leaves the
+    embeddings out (ids, labels and pointers only); `ann=False` leaves an approximate index
+    unloaded.
 
     The rows are held as `memory_dtype`: float32 by default, upcast once here. On CPU a
     half-precision matmul is slow and upcasting a block per query costs as much as its matmul
@@ -407,7 +477,7 @@ def load_index(url: str, memory_dtype: str = "float32") -> GalleryIndex:
         raise UserError(f"no index at {url} ({MANIFEST} not found; `composeae index` builds one)")
     count, dim = int(manifest["count"]), int(manifest["dim"])
     # One preallocated array: concatenating the blocks would hold the gallery twice at its peak.
-    embeddings = np.empty((count, dim), dtype=memory_dtype)
+    embeddings = np.empty((count, dim) if rows else (0, dim), dtype=memory_dtype)
     ids, labels, exts, shard_urls = [], [], [], []
     shard_of = np.empty(count, np.int32)
     offsets = np.empty(count, np.int64)
@@ -418,8 +488,8 @@ def load_index(url: str, memory_dtype: str = "float32") -> GalleryIndex:
         stem = storage.join(url, BLOCKS, block["name"])
         meta = json.loads(storage.read_text(stem + ".json"))
         n = meta["count"]
-        if n:
-            embeddings[row:row + n] = np.load(io.BytesIO(storage.read_bytes(stem + ".npy")))
+        if n and rows:
+            embeddings[row:row + n] = read_block_rows(url, block["name"])
         ids += meta["ids"]
         labels += meta["labels"]
         pointers = meta["pointers"]
@@ -432,5 +502,7 @@ def load_index(url: str, memory_dtype: str = "float32") -> GalleryIndex:
     row_of: dict[str, int] = {}
     for r, image_id in enumerate(ids):
         row_of.setdefault(image_id, r)  # an image listed in two groups counts once
-    return GalleryIndex(url, manifest, torch.from_numpy(embeddings), ids, labels, shard_of,
-                        offsets, sizes, exts, shard_urls, row_of)
+    entry = manifest.get("ann")
+    return GalleryIndex(url, manifest, torch.from_numpy(embeddings) if rows else None, ids,
+                        labels, shard_of, offsets, sizes, exts, shard_urls, row_of,
+                        load_ann(url, entry) if ann and entry else None)

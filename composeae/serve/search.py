@@ -1,8 +1,14 @@
 """Search: a composed query (reference image + modifier text) against a gallery index.
 
-What belongs here: loading the model an index was built with, embedding one query the way the
+What belongs here: loading the model an index was built with, embedding queries the way the
 evaluation embeds its queries (`SampleDecoder.pixels`, `normalise`, `evaluate.embed`), the
-exact top-k by inner product, and the HTML page of one result. Nothing here knows about HTTP.
+exact top-k by inner product, the choice between exact, approximate (`ann.ann_top_k`, with its
+`probe` and `rerank` knobs) and sharded (`sharded.ShardedGallery`) ranking, and the HTML page of
+one result. Nothing here knows about HTTP.
+
+A search is two steps so that a service can batch them: `prepare` checks one request and
+decodes its reference (per request: a bad image fails that request alone), `answer` embeds a
+list of prepared queries in one forward pass and ranks them in one matmul or index call.
 
 `top_k` is exact and memory-bounded: the gallery is scored block by block (`BLOCK_ROWS` rows),
 each block's top-k is merged into the running top-k, so the extra memory is one block of scores
@@ -25,6 +31,7 @@ import torch
 
 from composeae.api import Model
 from composeae.errors import UserError
+from composeae.serve.ann import ann_top_k, check_knobs
 from composeae.serve.index import GalleryIndex, checkpoint_file
 
 BLOCK_ROWS = {torch.float32: 65536, torch.float16: 8192}
@@ -66,6 +73,28 @@ def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, *,
     return best_scores, best_rows
 
 
+def use_assigned_cpus() -> int:
+    """Inside a Ray actor (a replica, a shard): search with as many threads as the CPUs Ray
+    assigned it (at least one), not one per core of the machine. Ray leaves OMP_NUM_THREADS
+    unset in Serve replicas, and a matmul or FAISS search split over more threads than the
+    process's share of shared cores waits on descheduled threads (measured: a batched search
+    slower than one query at a time). Returns the threads."""
+    import ray
+
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    if context is None or context.get_actor_id() is None:
+        return torch.get_num_threads()  # not an actor: the caller's own setting stays
+    cpus = context.get_assigned_resources().get("CPU", 1.0)
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+    except ImportError:
+        return threads
+    faiss.omp_set_num_threads(threads)
+    return threads
+
+
 _buffers = threading.local()
 
 
@@ -78,29 +107,61 @@ def _block_buffer(rows: int, dim: int) -> torch.Tensor:
     return buffer
 
 
+@dataclass(frozen=True)
+class Query:
+    """One checked request: the reference's pixels (S, S, 3) uint8, the text, k, and the
+    gallery row to leave out (the reference named by id), if any."""
+    text: str
+    k: int
+    ref: str | None
+    pixels: torch.Tensor
+    exclude: int | None
+
+
 @dataclass
 class Searcher:
-    """An index and the model that built it: composed queries in, ranked gallery rows out."""
+    """An index and the model that built it: composed queries in, ranked gallery rows out.
+
+    Ranking: `gallery` (a `ShardedGallery`) when the rows are held by shard actors; else the
+    index's approximate index with `knobs` = (probe, rerank) when it has one and `exact` is not
+    asked for; else exact `top_k` over the index's rows."""
     index: GalleryIndex
     model: torch.nn.Module
     cfg: Any
     device: torch.device
+    knobs: tuple[int, int] | None = None
+    gallery: Any = None
 
     @classmethod
-    def load(cls, index: GalleryIndex) -> "Searcher":
+    def load(cls, index: GalleryIndex, *, probe: Any = None, rerank: Any = None,
+             exact: bool = False, gallery: Any = None) -> "Searcher":
         from composeae.checkpoint import load_checkpoint
         from composeae.run.build import model_from_checkpoint
 
+        knobs = None
+        if not exact and gallery is None:
+            knobs = check_knobs(index.ann_entry if index.ann is not None else None, probe,
+                                rerank)
         model, cfg = model_from_checkpoint(
             load_checkpoint(checkpoint_file(index.manifest["model"]["checkpoint"])))
-        return cls(index, model, cfg, torch.device("cpu"))
+        return cls(index, model, cfg, torch.device("cpu"), knobs, gallery)
 
     @property
     def version(self) -> int | None:
         return self.index.version
 
-    def embed_query(self, image: bytes, text: str) -> np.ndarray:
-        """The (D,) unit query embedding of reference image bytes and a modifier text."""
+    @property
+    def method(self) -> str:
+        """How this searcher ranks, in words (for /status and the command line)."""
+        if self.gallery is not None:
+            return f"exact, {self.gallery.shards} shards"
+        if self.knobs is not None:
+            return (f"{self.index.ann_entry['factory']}, probe {self.knobs[0]}, "
+                    f"rerank {self.knobs[1]}")
+        return "exact"
+
+    def reference_pixels(self, image: bytes) -> torch.Tensor:
+        """(S, S, 3) uint8 pixels of reference image bytes; `UserError` when unreadable."""
         from PIL import Image, UnidentifiedImageError
 
         from composeae.data.decode import SampleDecoder
@@ -114,29 +175,58 @@ class Searcher:
             picture = picture.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"the reference image cannot be read ({type(exc).__name__})") from None
-        pixels = SampleDecoder("gallery", self.cfg.data.image_size).pixels(picture)
-        # As the evaluation embeds its queries: the Python API's one path.
-        return Model(self.model, self.cfg, self.device).embed_pixels(pixels[None], [text])[0]
+        return SampleDecoder("gallery", self.cfg.data.image_size).pixels(picture)
 
-    def search(self, text: str, k: int = 10, *, ref: str | None = None,
-               image: bytes | None = None) -> dict[str, Any]:
-        """Top-k of one composed query: a gallery id (`ref`, itself left out of the results, as
-        the evaluation leaves a query's reference out) or uploaded image bytes."""
+    def embed_queries(self, pixels: list[torch.Tensor], texts: list[str]) -> np.ndarray:
+        """(Q, D) unit query embeddings of references' pixels and modifier texts, one batch
+        (the Python API's path: as the evaluation embeds its queries)."""
+        return Model(self.model, self.cfg, self.device).embed_pixels(
+            torch.stack(pixels), texts, batch=len(pixels))
+
+    def embed_query(self, image: bytes, text: str) -> np.ndarray:
+        """The (D,) unit query embedding of reference image bytes and a modifier text."""
+        return self.embed_queries([self.reference_pixels(image)], [text])[0]
+
+    def rank(self, queries: torch.Tensor, k: int, exclude: list[int | None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, rows) (Q, k) of queries (Q, D); a row of -1 where fewer than k were found."""
+        if self.gallery is not None:
+            return self.gallery.top_k(queries, k, exclude)
+        if self.knobs is not None:
+            return ann_top_k(self.index.ann, self.index.ann_entry["kind"], self.index.embeddings,
+                             queries, k, *self.knobs, exclude)
+        return top_k(queries, self.index.embeddings, k, exclude=exclude)
+
+    def prepare(self, text: str, k: Any = 10, *, ref: str | None = None,
+                image: bytes | None = None) -> Query:
+        """One request checked and its reference decoded: a gallery id (`ref`, itself left out
+        of the results, as the evaluation leaves a query's reference out) or image bytes."""
         text = check_text(text)
         k = check_k(k, len(self.index))
         if (ref is None) == (image is None):
             raise UserError("give a reference: a gallery id or an image, not both")
         exclude = None
         if ref is not None:
-            row = self.index.row(ref)
-            image, _ = self.index.image(row)
-            exclude = [row]
-        query = torch.from_numpy(self.embed_query(image, text))[None]  # (1, D)
-        scores, rows = top_k(query, self.index.embeddings, k, exclude=exclude)
-        return {"version": self.version, "reference": ref, "text": text, "k": k,
-                "results": [{"id": self.index.ids[r], "score": round(float(s), 6),
-                             "label": self.index.labels[r]}
-                            for s, r in zip(scores[0].tolist(), rows[0].tolist())]}
+            exclude = self.index.row(ref)
+            image, _ = self.index.image(exclude)
+        return Query(text, k, ref, self.reference_pixels(image), exclude)
+
+    def answer(self, queries: list[Query]) -> list[dict[str, Any]]:
+        """The results of prepared queries: one embedding batch, one ranking call."""
+        emb = torch.from_numpy(self.embed_queries([q.pixels for q in queries],
+                                                  [q.text for q in queries]))  # (Q, D)
+        scores, rows = self.rank(emb, max(q.k for q in queries), [q.exclude for q in queries])
+        return [{"version": self.version, "reference": q.ref, "text": q.text, "k": q.k,
+                 "results": [{"id": self.index.ids[r], "score": round(float(s), 6),
+                              "label": self.index.labels[r]}
+                             for s, r in zip(scores[i, :q.k].tolist(), rows[i, :q.k].tolist())
+                             if r >= 0]}
+                for i, q in enumerate(queries)]
+
+    def search(self, text: str, k: Any = 10, *, ref: str | None = None,
+               image: bytes | None = None) -> dict[str, Any]:
+        """Top-k of one composed query (`prepare`, then `answer`)."""
+        return self.answer([self.prepare(text, k, ref=ref, image=image)])[0]
 
 
 def check_text(text: str | None) -> str:
