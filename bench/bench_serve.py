@@ -54,6 +54,7 @@ def main() -> None:
     from composeae.testing.clients import SearchClients
     from composeae.testing.localcluster import free_port
     from composeae.serve.app import build_app
+    from composeae.serve.auth import Access
     from composeae.serve.index import build_index, load_index, registry_index_url, resolve_model
 
     ray.init(address="local", num_cpus=os.cpu_count())
@@ -82,8 +83,9 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         start = time.perf_counter()
-        serve.run(build_app(url, "champion", poll_s=1.0, num_cpus=1), name="composeae",
-                  route_prefix="/")
+        # Open (no token): loopback only, as `composeae serve` allows without --token-file.
+        serve.run(build_app(url, "champion", poll_s=1.0, num_cpus=1, access=Access(None)),
+                  name="composeae", route_prefix="/")
         ready_s = time.perf_counter() - start
         base = f"http://127.0.0.1:{port}"
 

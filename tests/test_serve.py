@@ -181,3 +181,97 @@ def test_missing_index_and_unreadable_image_are_one_line(tmp_path, local_index, 
     assert main(["index", "--checkpoint", str(tmp_path / "none"), "--data", str(tmp_path),
                  "--out", str(tmp_path / "i")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err  # read first: it names the split
+
+
+def _registry_like_copy(local_index: str, tmp_path: Path, version: int = 1) -> str:
+    """A copy of the test index whose manifest names registry version `version`, as
+    `composeae index --registry` writes it."""
+    import json
+    import shutil
+
+    copy = str(tmp_path / "index")
+    shutil.copytree(local_index, copy)
+    manifest = json.loads((Path(copy) / "manifest.json").read_text())
+    manifest["model"]["version"] = version
+    (Path(copy) / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _expected(index_url: str):
+    import json
+
+    from composeae.serve.confine import Expected
+
+    manifest = json.loads((Path(index_url) / "manifest.json").read_text())
+    return Expected(1, manifest["model"]["checkpoint"], manifest["data"]["url"])
+
+
+def _edit(path: Path, change) -> None:
+    import json
+
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["blocks"][0].update(shard="/etc/passwd"), "is not a plain file name"),
+    (lambda m: m["blocks"][0].update(shard="../../../../etc/passwd"), "is not a plain file name"),
+    (lambda m: m["blocks"][0].update(name="../../../etc/passwd"), "is not a plain file name"),
+    (lambda m: m["data"].update(url="/etc"), "is not the version's dataset"),
+    (lambda m: m["data"].update(url="s3://another-bucket/css"), "is not the version's dataset"),
+    (lambda m: m["data"].update(url=m["data"]["url"] + "/../.."), "not an absolute, normal"),
+    (lambda m: m["model"].update(version=None), "not for version 1"),
+    (lambda m: m["model"].update(version="1; rm"), "is not a version number"),
+    (lambda m: m["model"].update(checkpoint="/etc/passwd"), "not from the version's checkpoint"),
+    (lambda m: m.update(count=m["count"] + 1), "blocks hold"),
+    (lambda m: m.update(ann={"file": "../../etc/passwd"}), "not a plain name under ann/"),
+], ids=["absolute shard", "shard ../", "block ../", "other dataset", "other bucket",
+        "dataset ../", "no version", "odd version", "other checkpoint", "count", "ann ../"])
+def test_a_crafted_manifest_is_refused_with_nothing_read(local_index, tmp_path, monkeypatch,
+                                                         change, message):
+    from composeae.errors import UserError
+    from composeae.serve.index import load_index
+
+    index = _registry_like_copy(local_index, tmp_path)
+    expect = _expected(index)
+    _edit(Path(index) / "manifest.json", change)
+    opened = []
+    open_read = storage.open_read
+    monkeypatch.setattr(storage, "open_read", lambda url: (opened.append(url), open_read(url))[1])
+    with pytest.raises(UserError, match=message) as refused:
+        load_index(index, expect=expect)
+    assert str(refused.value).startswith(f"refusing the index at {index}: ")
+    assert opened == [str(Path(index) / "manifest.json")]  # nothing else was read
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b["pointers"][0].__setitem__(0, 10**9), "outside its shard"),
+    (lambda b: b["pointers"][0].__setitem__(2, "html"), "with another file type"),
+    (lambda b: b["ids"].pop(), "ids, labels and pointers are not"),
+    (lambda b: b["ids"].__setitem__(0, 7), "id that is not a non-empty string"),
+    (lambda b: b.update(count=b["count"] - 1), "does not hold the"),
+])
+def test_blocks_are_checked_against_the_manifest_and_the_shards(local_index, tmp_path,
+                                                                 change, message):
+    from composeae.errors import UserError
+    from composeae.serve.index import load_index
+
+    index = _registry_like_copy(local_index, tmp_path)
+    assert len(load_index(index, expect=_expected(index))) == 240  # the copy itself loads
+    block = sorted((Path(index) / "blocks").glob("*.json"))[0]
+    _edit(block, change)
+    with pytest.raises(UserError, match=message):
+        load_index(index, expect=_expected(index))
+
+
+def test_the_checkpoint_is_verified_against_the_manifests_sha256(local_index, tmp_path):
+    from composeae.errors import UserError
+    from composeae.serve.index import load_index
+    from composeae.serve.search import Searcher
+
+    index = _registry_like_copy(local_index, tmp_path)
+    _edit(Path(index) / "manifest.json",
+          lambda m: m["model"].update(checkpoint_sha256="0" * 64))
+    with pytest.raises(UserError, match="is not the checkpoint it should be: its sha256 is"):
+        Searcher.load(load_index(index))

@@ -5,7 +5,8 @@
                      [--kind exact|ivf|hnsw [--lists N] [--hnsw-m M] [--codes sq8|flat]]
     composeae search --index URL  --image PATH | --ref GALLERY_ID  --text "..." [--k 10]
                      [--html OUT] [--probe N] [--rerank F] [--exact]
-    composeae serve  --registry URL [--alias champion] [--port 8000] [--poll 10]
+    composeae serve  --registry URL [--alias champion] [--host 127.0.0.1] [--port 8000]
+                     [--token-file FILE | --insecure] [--read-timeout 20] [--poll 10]
                      [--shards N] [--probe N] [--rerank F] [--exact] [--batch N]
 
 `register(subparsers)` adds them to the top-level parser. Bad input ends in one line (`UserError`).
@@ -20,6 +21,8 @@ from composeae.config import Config
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
 from composeae.run.cluster import init_ray
+from composeae.serve.auth import Access, check_bind, digest, read_token_file
+from composeae.serve.http_limits import Limits
 from composeae.storage import absolute_url
 
 
@@ -65,6 +68,15 @@ def register(subparsers) -> None:
     p.add_argument("--alias", default="champion", help="the alias to serve (default champion)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="a file holding the bearer token every endpoint but /healthz asks for "
+                        "(needed to bind anything but loopback)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback --host without a token, open to anyone")
+    p.add_argument("--read-timeout", type=float, default=Limits().read_timeout_s,
+                   metavar="SECONDS",
+                   help=f"a request's whole body must arrive within this (default "
+                        f"{Limits().read_timeout_s:g})")
     p.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
                    help="how often each replica checks the alias (default 10)")
     p.add_argument("--replicas", default="1", help="replicas, or `auto` for Ray Serve's "
@@ -177,6 +189,10 @@ def run_search(args: argparse.Namespace) -> None:
         print(f"page: {args.html}")
 
 
+REQUEST_TIMEOUT_S = 120.0
+"""Ray Serve's end-to-end limit on one HTTP request (408 after it)."""
+
+
 def run_serve(args: argparse.Namespace) -> None:
     import signal
     import sys
@@ -192,6 +208,11 @@ def run_serve(args: argparse.Namespace) -> None:
     from composeae.serve.app import alias_version, build_app
     from composeae.serve.index import read_manifest, registry_index_url
 
+    # Credentials first: a refused bind reads and starts nothing.
+    token = read_token_file(args.token_file) if args.token_file is not None else None
+    check_bind(args.host, token is not None, args.insecure)
+    if not args.read_timeout > 0:
+        raise UserError(f"--read-timeout must be more than 0 seconds, got {args.read_timeout:g}")
     registry = ModelRegistry.open(absolute_url(args.registry))
     version = alias_version(registry.url, args.alias)
     index_url = registry_index_url(registry.url, version)
@@ -205,14 +226,21 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = check_serve_settings(args, read_manifest(index_url))
     init_ray(Config())
     check_shard_cpus(args, replicas)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # Ray Serve's end-to-end limit backs up the replica's own read timeout.
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(build_app(registry.url, args.alias, poll_s=args.poll,
                         num_replicas=replicas if replicas == "auto" else int(replicas),
-                        num_cpus=args.cpus, settings=settings), name="composeae",
-              route_prefix="/")
+                        num_cpus=args.cpus, settings=settings,
+                        access=Access(None if token is None else digest(token)),
+                        limits=Limits(read_timeout_s=args.read_timeout)),
+              name="composeae", route_prefix="/")
+    opened = "" if token is None else " (send Authorization: Bearer TOKEN; the page: /?token=TOKEN)"
     print(f"serving {args.alias} (version {version}) of {registry.url} at "
-          f"http://{args.host}:{args.port}/ (POST /search, GET /image/ID, GET /status)",
-          flush=True)
+          f"http://{args.host}:{args.port}/ (POST /search, GET /image/ID, GET /status)"
+          f"{opened}", flush=True)
+    if token is None:
+        print(f"no token: anyone who can reach {args.host}:{args.port} can search it", flush=True)
     if args.detach:
         return
     print("Ctrl-C stops it", flush=True)

@@ -27,7 +27,7 @@ image with one ranged read (a seek locally, a `Range` GET on S3) instead of scan
 
 Parallelism: Ray Data's `map_batches` with an actor pool over the list of gallery shards. Each
 actor loads the model once and takes whole shards: it streams the shard, decodes and embeds its
-images with the evaluation's own functions (`SampleDecoder`, `normalise_batch`, and
+images with the evaluation's own functions (`SampleDecoder`, `collate`, and
 `evaluate.embed`, so index and evaluation embed alike), writes the shard's block itself and
 returns only its count; embeddings never pass through the object store or the driver. The
 evaluation job (a TorchTrainer gang) was the other candidate: it starts and ends all workers
@@ -58,6 +58,8 @@ from composeae.data.tarstream import StreamErrors, group_samples, open_shard, ta
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
 from composeae.serve.ann import ANN, AnnSpec, build_ann, load_ann, rate_line
+from composeae.serve.confine import (Expected, check_block, check_dataset, check_manifest,
+                                     check_rows)
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
 from composeae.storage import absolute_url
 
@@ -222,7 +224,7 @@ class ShardEmbedder:
                 "count": np.asarray(counts, dtype=np.int64)}
 
     def embed_shard(self, name: str, url: str) -> int:
-        from composeae.data.decode import SampleDecoder, collate, normalise_batch
+        from composeae.data.decode import SampleDecoder, collate
         from composeae.evaluate import embed
 
         decoder = SampleDecoder(schema.GALLERY, self.cfg.data.image_size, False, StreamErrors())
@@ -239,10 +241,10 @@ class ShardEmbedder:
                 pointers.append([*where[f"{schema.IMAGE}.{ext}"], ext])
                 pending.append(decoded)
                 if len(pending) == size:
-                    yield normalise_batch(collate(pending))
+                    yield collate(pending)  # uint8: `embed` normalises on the device
                     pending = []
             if pending:
-                yield normalise_batch(collate(pending))
+                yield collate(pending)  # uint8: `embed` normalises on the device
 
         out = embed(self.model, batches(), "image", None, ("image_id", "group", "label"),
                      self.device, self.cfg.train.precision)
@@ -380,12 +382,13 @@ def add_ann(url: str, spec: AnnSpec) -> Built:
     return Built(url, manifest, built=True)
 
 
-def build_version_index(registry_url: str, version: int, data_url: str, split: str) -> Built:
+def build_version_index(registry_url: str, version: int, data_url: str, split: str, *,
+                        workers: int | None = None) -> Built:
     """The gallery index of registry version `version` at `registry_index_url`: built, resumed
     after an interruption, or found built (a re-run night)."""
     model = resolve_model(None, registry_url, str(version))
     out = registry_index_url(registry_url, version)
-    done = build_index(model, data_url, out, split=split)
+    done = build_index(model, data_url, out, split=split, workers=workers)
     log.info("index of version %s: %s (%s)", version, out,
              f"{done.manifest['count']} images" if done.built else "already built")
     return done
@@ -458,10 +461,11 @@ def read_block_rows(url: str, name: str, mmap: bool = False) -> np.ndarray:
 
 
 def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
-               ann: bool = True) -> GalleryIndex:
+               ann: bool = True, expect: Expected | None = None) -> GalleryIndex:
     """Read the index at `url` whole; `UserError` when there is none. `rows=False` leaves the
     embeddings out (ids, labels and pointers only); `ann=False` leaves an approximate index
-    unloaded.
+    unloaded. What the manifest and blocks name is checked before it is read
+    (`composeae.serve.confine`), against `expect` when the caller knows what the index is for.
 
     The rows are held as `memory_dtype`: float32 by default, upcast once here. On CPU a
     half-precision matmul is slow and upcasting a block per query costs as much as its matmul
@@ -475,6 +479,9 @@ def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
     manifest = read_manifest(url)
     if manifest is None:
         raise UserError(f"no index at {url} ({MANIFEST} not found; `composeae index` builds one)")
+    check_manifest(url, manifest, expect)
+    shard_bytes = check_dataset(url, manifest, shardset.read_manifest(manifest["data"]["url"]),
+                                gallery_fingerprint)
     count, dim = int(manifest["count"]), int(manifest["dim"])
     # One preallocated array: concatenating the blocks would hold the gallery twice at its peak.
     embeddings = np.empty((count, dim) if rows else (0, dim), dtype=memory_dtype)
@@ -487,9 +494,11 @@ def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
     for i, block in enumerate(manifest["blocks"]):
         stem = storage.join(url, BLOCKS, block["name"])
         meta = json.loads(storage.read_text(stem + ".json"))
+        check_block(url, block, meta, shard_bytes[block["shard"]])
         n = meta["count"]
         if n and rows:
-            embeddings[row:row + n] = read_block_rows(url, block["name"])
+            embeddings[row:row + n] = check_rows(url, block, read_block_rows(url, block["name"]),
+                                                 dim, manifest["dtype"])
         ids += meta["ids"]
         labels += meta["labels"]
         pointers = meta["pointers"]

@@ -42,6 +42,9 @@ MAX_TEXT = 500
 """Characters of modifier text accepted."""
 MAX_PIXELS = 4096 * 4096
 """Largest reference image accepted (width x height), checked before it is decoded."""
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+"""The only decoders a reference image is offered to (Pillow knows formats that hand the bytes
+to other programs, EPS to Ghostscript)."""
 
 
 def top_k(queries: torch.Tensor, gallery: torch.Tensor, k: int, *,
@@ -143,7 +146,8 @@ class Searcher:
             knobs = check_knobs(index.ann_entry if index.ann is not None else None, probe,
                                 rerank)
         model, cfg = model_from_checkpoint(
-            load_checkpoint(checkpoint_file(index.manifest["model"]["checkpoint"])))
+            load_checkpoint(checkpoint_file(index.manifest["model"]["checkpoint"]),
+                            sha256=index.manifest["model"].get("checkpoint_sha256")))
         return cls(index, model, cfg, torch.device("cpu"), knobs, gallery)
 
     @property
@@ -162,19 +166,22 @@ class Searcher:
 
     def reference_pixels(self, image: bytes) -> torch.Tensor:
         """(S, S, 3) uint8 pixels of reference image bytes; `UserError` when unreadable."""
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         from composeae.data.decode import SampleDecoder
 
         try:
-            picture = Image.open(io.BytesIO(image))
+            picture = Image.open(io.BytesIO(image), formats=IMAGE_FORMATS)
             if picture.width * picture.height > MAX_PIXELS:
                 raise UserError(f"the reference image is {picture.width} x {picture.height} "
                                 f"pixels, more than the {MAX_PIXELS} accepted")
             picture.load()
             picture = picture.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise UserError(f"the reference image cannot be read ({type(exc).__name__})") from None
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoder's failure on bytes from outside
+            raise UserError(f"the reference image cannot be read as "
+                            f"{', '.join(IMAGE_FORMATS)} ({type(exc).__name__})") from None
         return SampleDecoder("gallery", self.cfg.data.image_size).pixels(picture)
 
     def embed_queries(self, pixels: list[torch.Tensor], texts: list[str]) -> np.ndarray:
