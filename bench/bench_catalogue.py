@@ -332,6 +332,14 @@ def batching_part(registry_url: str, clients: list[int], seconds: float) -> list
 
 # -- report -------------------------------------------------------------------------------------
 
+def save_partial(work: Path, report: dict) -> None:
+    """The parts measured so far into --work's partial.json, beside earlier runs' other parts
+    (a part can be run alone with --parts and its figures kept)."""
+    path = work / "partial.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(dict(kept, **report)))
+
+
 def print_curve(rows: list[dict], recalls: bool) -> None:
     head = f"{'index':<12}{'probe':>6}{'rerank':>7}{'agree@10':>10}"
     head += f"{'R@1':>8}{'R@10':>8}" if recalls else ""
@@ -386,7 +394,7 @@ def main() -> None:
         if "sharded" in parts:
             report["sharded"] = sharded_part(work, args.sharded_rows, args.dim, args.shards,
                                              args.equal_rows, args.reps)
-            (work / "partial.json").write_text(json.dumps(report))
+            save_partial(work, report)
         registry_url = None
         if "ann" in parts or "batching" in parts:
             data, checkpoint = args.data, args.checkpoint
@@ -406,12 +414,12 @@ def main() -> None:
             if "ann" in parts:
                 report["ann"] = catalogue_part(work, data, checkpoint, args.queries, args.lists,
                                                args.reps, args.timing_batches)
-                (work / "partial.json").write_text(json.dumps(report))
+                save_partial(work, report)
         if "batching" in parts:
             report["batching"] = batching_part(registry_url,
                                                [int(c) for c in args.clients.split(",")],
                                                args.seconds)
-            (work / "partial.json").write_text(json.dumps(report))
+            save_partial(work, report)
         if "synthetic" in parts:
             report["synthetic"] = synthetic_part(work, args.synthetic_rows, args.dim,
                                                  args.synthetic_queries, args.lists, args.reps,
