@@ -275,3 +275,10 @@ def test_the_checkpoint_is_verified_against_the_manifests_sha256(local_index, tm
           lambda m: m["model"].update(checkpoint_sha256="0" * 64))
     with pytest.raises(UserError, match="is not the checkpoint it should be: its sha256 is"):
         Searcher.load(load_index(index))
+
+
+def test_renamed_serve_flags_are_refused_naming_the_new_ones(tmp_path, capsys):
+    for flag in ("--poll", "--read-timeout"):
+        assert main(["serve", "--registry", str(tmp_path), flag, "5"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--poll-s" in err[0] and "--read-timeout-s" in err[0]

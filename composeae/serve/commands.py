@@ -6,7 +6,7 @@
     composeae search --index URL  --image PATH | --ref GALLERY_ID  --text "..." [--k 10]
                      [--html OUT] [--probe N] [--rerank F] [--exact]
     composeae serve  --registry URL [--alias champion] [--host 127.0.0.1] [--port 8000]
-                     [--token-file FILE | --insecure] [--read-timeout 20] [--poll 10]
+                     [--token-file FILE | --insecure] [--read-timeout-s 20] [--poll-s 10]
                      [--shards N] [--probe N] [--rerank F] [--exact] [--batch N]
 
 `register(subparsers)` adds them to the top-level parser. Bad input ends in one line (`UserError`).
@@ -73,11 +73,15 @@ def register(subparsers) -> None:
                         "(needed to bind anything but loopback)")
     p.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback --host without a token, open to anyone")
-    p.add_argument("--read-timeout", type=float, default=Limits().read_timeout_s,
+    # Seconds, named as in a Serve config's args (`read_timeout_s`, `poll_s`); the earlier
+    # names are refused in one line (`run_serve`).
+    p.add_argument("--read-timeout", "--poll", dest="renamed", action="append",
+                   help=argparse.SUPPRESS)
+    p.add_argument("--read-timeout-s", type=float, default=Limits().read_timeout_s,
                    metavar="SECONDS",
                    help=f"a request's whole body must arrive within this (default "
                         f"{Limits().read_timeout_s:g})")
-    p.add_argument("--poll", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--poll-s", type=float, default=10.0, metavar="SECONDS",
                    help="how often each replica checks the alias (default 10)")
     p.add_argument("--replicas", default="1", help="replicas, or `auto` for Ray Serve's "
                                                    "autoscaling (default 1)")
@@ -211,8 +215,12 @@ def run_serve(args: argparse.Namespace) -> None:
     # Credentials first: a refused bind reads and starts nothing.
     token = read_token_file(args.token_file) if args.token_file is not None else None
     check_bind(args.host, token is not None, args.insecure)
-    if not args.read_timeout > 0:
-        raise UserError(f"--read-timeout must be more than 0 seconds, got {args.read_timeout:g}")
+    if args.renamed:
+        raise UserError("--read-timeout and --poll are now --read-timeout-s and --poll-s "
+                        "(seconds, as read_timeout_s and poll_s in a Serve config)")
+    if not args.read_timeout_s > 0:
+        raise UserError(f"--read-timeout-s must be more than 0 seconds, got "
+                        f"{args.read_timeout_s:g}")
     registry = ModelRegistry.open(absolute_url(args.registry))
     version = alias_version(registry.url, args.alias)
     index_url = registry_index_url(registry.url, version)
@@ -229,11 +237,11 @@ def run_serve(args: argparse.Namespace) -> None:
     # Ray Serve's end-to-end limit backs up the replica's own read timeout.
     serve.start(http_options={"host": args.host, "port": args.port,
                               "request_timeout_s": REQUEST_TIMEOUT_S})
-    serve.run(build_app(registry.url, args.alias, poll_s=args.poll,
+    serve.run(build_app(registry.url, args.alias, poll_s=args.poll_s,
                         num_replicas=replicas if replicas == "auto" else int(replicas),
                         num_cpus=args.cpus, settings=settings,
                         access=Access(None if token is None else digest(token)),
-                        limits=Limits(read_timeout_s=args.read_timeout)),
+                        limits=Limits(read_timeout_s=args.read_timeout_s)),
               name="composeae", route_prefix="/")
     opened = "" if token is None else " (send Authorization: Bearer TOKEN; the page: /?token=TOKEN)"
     print(f"serving {args.alias} (version {version}) of {registry.url} at "
