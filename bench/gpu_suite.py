@@ -450,9 +450,11 @@ class Suite:
             shutil.rmtree(self.work / "sweeps" / name, ignore_errors=True)
             child = self.run(name, [sys.executable, "-m", "composeae.cli", "tune",
                                     "--config", str(sweep)], self.sizes.limits["sweep"])
-            at_once = next((line.split(" trial(s) at once")[0].split()[-1]
-                            for _, line in child.lines if " trial(s) at once" in line), None)
+            placement = next((line.strip() for _, line in child.lines
+                              if " trial(s) at once" in line), "")
+            at_once = placement.split(" trial(s) at once")[0].split()[-1] if placement else None
             rows[per_gpu] = {"wall_s": round(child.wall_s, 1), "at_once": at_once,
+                             "placement": placement,
                              "finished": child.rc == 0,
                              "trials_per_hour": round(self.sizes.sweep_trials * 3600
                                                       / child.wall_s, 1)}
