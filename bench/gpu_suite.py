@@ -85,6 +85,8 @@ class Sizes:
     sweep_steps: int
     sweep_trials: int
     """Trials of the sweep phase (8 on a GPU: two waves of four when packed four per GPU)."""
+    sweep_packings: tuple[int, ...]
+    """Trials per GPU of the sweep phase's runs."""
     limits: dict[str, float]
     test_eval_s: float
     """Allowance for the final test evaluation of a quality run (16,200 queries, 86,400 images)."""
@@ -95,18 +97,19 @@ GPU = Sizes(preset="full", config="jobs/configs/css-synth-full.yaml", extra=(), 
             loader_workers=(4, 8), e2e_steps=1000, batch_size=128,
             bench_gpu=("--steps", "30", "--warmup", "5"),
             bench_step=("--no-compile", "--steps", "3"), compile="reduce-overhead",
-            sweep_steps=300, sweep_trials=8,
+            sweep_steps=300, sweep_trials=8, sweep_packings=(1, 4),
             limits={"shards": 150, "host": 60, "bench_gpu": 200, "e2e": 90, "e2e_compiled": 150,
                     "sweep": 120}, test_eval_s=40, max_steps=20000)
 # The smoke runs every phase's code at tiny sizes; its "compiled" run stays eager (compiling the
-# model takes minutes on CPU: tests/test_compile.py covers it) and its sweep is two trials.
+# model takes minutes on CPU: tests/test_compile.py covers it) and its sweep is one run of two
+# trials, packed.
 SMOKE = Sizes(preset="tiny", config="jobs/configs/tiny.yaml", extra=(), use_gpu=False,
               loader_workers=(1,),
               e2e_steps=6, batch_size=8,
               bench_gpu=("--cpu-smoke", "--steps", "1", "--warmup", "1", "--batch-size", "4",
                          "--compile", "none"),
               bench_step=("--no-compile", "--steps", "1"), compile="none", sweep_steps=4,
-              sweep_trials=2,
+              sweep_trials=2, sweep_packings=(4,),
               limits={"shards": 60, "host": 120, "bench_gpu": 150, "e2e": 60,
                       "e2e_compiled": 60, "sweep": 120}, test_eval_s=5, max_steps=8)
 
@@ -429,7 +432,7 @@ class Suite:
     def sweep(self, data: str) -> None:
         """Phase 6: the same sweep with one trial per GPU and four per GPU (fractional GPUs)."""
         rows = {}
-        for per_gpu in (1, 4):
+        for per_gpu in self.sizes.sweep_packings:
             name = f"packing-{per_gpu}"
             sweep = self.work / f"{name}.yaml"
             steps = self.sizes.sweep_steps
@@ -459,7 +462,7 @@ class Suite:
                              "trials_per_hour": round(self.sizes.sweep_trials * 3600
                                                       / child.wall_s, 1)}
         self.figures["sweep"] = rows
-        if rows[1]["finished"] and rows[4]["finished"]:
+        if all(rows.get(n, {}).get("finished") for n in (1, 4)):
             self.figures["sweep_packing_speedup"] = round(
                 rows[4]["trials_per_hour"] / rows[1]["trials_per_hour"], 2)
 
@@ -604,6 +607,13 @@ class Suite:
             self.sampler.close()
 
     def finish(self) -> int:
+        import ray
+
+        # Ray's warnings reach this process asynchronously (e.g. the raylet's note on many worker
+        # processes after a sweep of fractional trials): shut it down first, so the figures'
+        # JSON stays the last line printed.
+        if ray.is_initialized():
+            ray.shutdown()
         self.figures["total_s"] = round(time.monotonic() - self.start, 1)
         self.figures["failed"] = self.failed
         text = self.table()
