@@ -81,8 +81,7 @@ def sharded_service(ray_local, css_tiny, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(url, "champion", poll_s=0.5, num_cpus=0.5, access=Access(None),
-                        settings={"shards": 2, "shard_cpus": 0.25, "batch": 8,
-                                  "batch_wait_s": 0.05}),
+                        settings={"shards": 2, "shard_cpus": 0.25, "batch": 8}),
               name="sharded", route_prefix="/")
     yield {"base": f"http://127.0.0.1:{port}", "registry": registry, "url": url}
     serve.delete("sharded")

@@ -41,11 +41,11 @@ searches is its `settings` (`SEARCH_SETTINGS`): `shards` > 1 hands the rows to t
 actors (`sharded.ShardedGallery`: exact search, each holding 1/N of the rows, float16 by
 default; a swap loads the new version's shards beside the old and switches them together);
 `probe`/`rerank` tune an approximate index; `exact` ignores one. `batch` > 1 groups concurrent
-requests (`@serve.batch`, waiting at most `batch_wait_s` for more: with 5 ms, batches held 1.1
-requests on average under 8 clients and gained nothing; 50 ms gathered about 8 and doubled the
-requests/s, at up to 50 ms more for a lone request): their queries are embedded
-in one forward pass and ranked in one matmul or index call; each request is checked and its
-reference decoded alone first, so a bad one fails by itself.
+requests (`batching.Batcher`: a batch is formed when the previous one has ended, of whatever
+arrived meanwhile, so a lone request waits for nothing; `batch_wait_s` > 0 would hold a short
+batch that long for more): their queries are embedded in one forward pass and ranked in one
+matmul or index call; each request is checked and its reference decoded alone first, so a bad
+one fails by itself.
 
 Bad input is answered with HTTP 400 (404 for an unknown gallery id; 401, 408, 411, 413 as
 above) and one sentence in `{"error": ...}`; the replica carries on.
@@ -74,6 +74,7 @@ from composeae import storage
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
 from composeae.serve.auth import TOKEN_ENV, Access, digest, token_from_env
+from composeae.serve.batching import Batcher
 from composeae.serve.confine import Expected
 from composeae.serve.http_limits import Limits, Rejected, parse_query, read_body
 from composeae.serve.metrics import ServiceMetrics
@@ -96,7 +97,7 @@ def image_url(image_id: str) -> str:
 
 
 SEARCH_SETTINGS = {"shards": 1, "shard_memory": "float16", "shard_cpus": 1.0, "probe": None,
-                   "rerank": None, "exact": False, "batch": 16, "batch_wait_s": 0.05}
+                   "rerank": None, "exact": False, "batch": 16, "batch_wait_s": 0.0}
 """How a replica searches (`SearchService`'s `settings`; the keys of a Serve config's args)."""
 
 
@@ -135,6 +136,19 @@ def load_version(registry_url: str, version: int, settings: dict | None = None):
     gallery = ShardedGallery(url, int(settings["shards"]), settings["shard_memory"],
                              float(settings["shard_cpus"]))
     return Searcher.load(index, gallery=gallery)
+
+
+def answer_groups(items: list[tuple]) -> list[dict[str, Any]]:
+    """Concurrent requests' (searcher, prepared query) pairs answered together: one
+    `Searcher.answer` per searcher (a swap can land between two requests of one batch)."""
+    results: list[Any] = [None] * len(items)
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for i, (searcher, _) in enumerate(items):
+        groups.setdefault(id(searcher), (searcher, []))[1].append(i)
+    for searcher, members in groups.values():
+        for i, answer in zip(members, searcher.answer([items[i][1] for i in members])):
+            results[i] = answer
+    return results
 
 
 def index_data(record: dict[str, Any]) -> str | None:
@@ -275,10 +289,7 @@ class SearchService:
         self.settings = search_settings(settings)
         use_assigned_cpus()  # threads as the replica's CPUs, not the machine's cores
         self.batch = int(self.settings["batch"])
-        self.largest_batch = self.batches = self.batched = 0
-        if self.batch > 1:
-            self._batched.set_max_batch_size(self.batch)
-            self._batched.set_batch_wait_timeout_s(float(self.settings["batch_wait_s"]))
+        self.batcher = Batcher(answer_groups, self.batch, float(self.settings["batch_wait_s"]))
         self.loaded = alias_version(registry, alias)
         """The alias's version that `current` was loaded for."""
         self.current = load_version(registry, self.loaded, self.settings)
@@ -366,24 +377,8 @@ class SearchService:
 
     async def _answer(self, searcher, query) -> dict[str, Any]:
         if self.batch > 1:
-            return await self._batched((searcher, query))
+            return await self.batcher((searcher, query))
         return (await run_in_threadpool(searcher.answer, [query]))[0]
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple]) -> list[dict[str, Any]]:
-        """Concurrent requests' (searcher, prepared query) pairs answered together: one call per
-        searcher (a swap can land between two requests of one batch)."""
-        results: list[Any] = [None] * len(items)
-        self.largest_batch = max(self.largest_batch, len(items))
-        self.batches, self.batched = self.batches + 1, self.batched + len(items)
-        groups: dict[int, tuple[Any, list[int]]] = {}
-        for i, (searcher, _) in enumerate(items):
-            groups.setdefault(id(searcher), (searcher, []))[1].append(i)
-        for searcher, members in groups.values():
-            answers = await run_in_threadpool(searcher.answer, [items[i][1] for i in members])
-            for i, answer in zip(members, answers):
-                results[i] = answer
-        return results
 
     @api.get("/image/{image_id:path}")
     async def image(self, image_id: str, request: Request) -> Response:
@@ -405,8 +400,7 @@ class SearchService:
                 "index": index.url, "count": len(index), "swaps": self.swaps,
                 "load_attempts": self.load_attempts,
                 "pending": self.pending, "search": self.current.method, "batch": self.batch,
-                "largest_batch": self.largest_batch,
-                "mean_batch": round(self.batched / max(1, self.batches), 2),
+                "largest_batch": self.batcher.largest, "mean_batch": round(self.batcher.mean, 2),
                 "replica": {"pid": os.getpid(), "started": self.started}})
         return await self._guarded("status", request, work)
 
