@@ -18,8 +18,9 @@ synthetic rows, and the service with and without batched queries.
   within 0.5 points of exact R@1 and R@10.
 * synthetic: the same curves on --synthetic-rows x 512 uniform and clustered rows (no bar).
 * batching: the application of `composeae serve` on the ann part's registry (one replica, one
-  CPU, exact search), C clients for --seconds, with `batch` 1 and the default (16 requests,
-  waiting at most 50 ms for them): requests/s, p50 / p99.
+  CPU, exact search) deployed twice side by side, with `batch` 1 and the default (up to 16
+  requests, continuous batching); C clients for --seconds on each in turn, --batching-rounds
+  rounds: requests/s (median of the rounds), p50 / p99, the batches formed.
 
 --quick: small stand-ins for all four (a minute). Prints tables, then one JSON line.
 """
@@ -271,9 +272,11 @@ def catalogue_part(work: Path, data: str, checkpoint: str, num_queries: int, lis
 
 
 def synthetic_part(work: Path, rows: int, dim: int, num_queries: int, lists: int, reps: int,
-                   timing: int) -> dict:
+                   timing: int, kinds: list[str], spreads: list[str]) -> dict:
     out = {}
     for name, clusters in (("uniform", 0), ("clustered", 1000)):
+        if name not in spreads:
+            continue
         folder = work / f"synthetic-{name}-{rows}x{dim}"
         if not (folder / "manifest.json").exists():
             write_index(folder, synthetic_blocks(rows, dim, clusters=clusters, seed=11), dim)
@@ -285,18 +288,28 @@ def synthetic_part(work: Path, rows: int, dim: int, num_queries: int, lists: int
         # Queries from the rows' own distribution (the clustered ones around the same centres).
         queries = torch.from_numpy(unit_rows(rng, num_queries, dim, centres, 1.0))
         exact = in_batches(lambda q, ex: top_k(q, g, K), queries)
-        out[name] = {"rows": rows, "dim": dim, "queries": num_queries, "curve": curve(g, queries, exact, str(folder),
-                                    [(AnnSpec("ivf", lists=lists), [8, 16, 32, 64]),
-                                     (AnnSpec("hnsw", m=32), [32, 64, 128, 256])], reps, timing)}
+        specs = [(AnnSpec("ivf", lists=lists), [8, 16, 32, 64]),
+                 (AnnSpec("hnsw", m=32), [32, 64, 128, 256])]
+        out[name] = {"rows": rows, "dim": dim, "queries": num_queries,
+                     "curve": curve(g, queries, exact, str(folder),
+                                    [s for s in specs if s[0].kind in kinds], reps, timing)}
         del g
     return out
 
 
 # -- batching in the service --------------------------------------------------------------------
 
-def batching_part(registry_url: str, clients: list[int], seconds: float) -> list[dict]:
+def batching_part(registry_url: str, clients: list[int], seconds: float, reps: int,
+                  pinned: bool = True) -> list[dict]:
+    """Requests/s and latency of the service one by one (`batch` 1) and batched (the default),
+    both deployed side by side (one replica x 1 CPU each) and loaded in turns: `reps` rounds,
+    each round every client count on each application for `seconds`, which goes first
+    alternating; after a warm-up of each. `pinned`: each replica's threads on the first core,
+    Serve's proxy and the clients on the others (without it, a replica answering one by one
+    runs its concurrent requests' searches on every core, beyond the 1 CPU it was given)."""
     import random
 
+    import requests
     from ray import serve
 
     from composeae.serve.app import SEARCH_SETTINGS, build_app
@@ -309,25 +322,101 @@ def batching_part(registry_url: str, clients: list[int], seconds: float) -> list
     refs = random.Random(0).sample(ids, min(200, len(ids)))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    rows = []
+    batches = (1, SEARCH_SETTINGS["batch"])
+    base = {b: f"http://127.0.0.1:{port}/batch{b}" for b in batches}
+    runs: dict[tuple[int, int], list] = {(b, c): [] for b in batches for c in clients}
+    cores = sorted(os.sched_getaffinity(0))
     try:
-        for batch in (1, SEARCH_SETTINGS["batch"]):
+        for b in batches:
             serve.run(build_app(registry_url, "champion", poll_s=60, num_cpus=1,
-                                access=Access(None), settings={"batch": batch}),
-                      name="bench", route_prefix="/")
+                                access=Access(None), settings={"batch": b}),
+                      name=f"batch{b}", route_prefix=f"/batch{b}")
+            if pinned and len(cores) > 1:
+                # The replica's 1 CPU made real (as a container's CPU limit would), on a core
+                # of its own; the proxy and the clients on the others.
+                pin(processes(f"ServeReplica:batch{b}:"), {cores[0]})
+                pin(processes("ProxyActor") + [os.getpid()], set(cores[1:]))
+            with SearchClients(base[b], refs, max(clients)):
+                time.sleep(min(seconds, 3.0))  # warm-up: first requests, thread pools
+        for round_ in range(reps):
             for c in clients:
-                with SearchClients(f"http://127.0.0.1:{port}", refs, c) as load:
-                    time.sleep(seconds)
-                ok = sorted(t for t, status, _ in load.answers if status == 200)
-                rows.append({"batch": batch, "clients": c, "requests": len(load.answers),
-                             "failed": len(load.answers) - len(ok),
-                             "rps": round(len(ok) / load.wall, 1),
-                             "p50_ms": round(1000 * ok[len(ok) // 2], 1) if ok else None,
-                             "p99_ms": round(1000 * ok[min(len(ok) - 1, int(len(ok) * .99))], 1)
-                             if ok else None})
+                for b in batches[::1 if round_ % 2 == 0 else -1]:
+                    before = cpu_seconds(f"ServeReplica:batch{b}:")
+                    with SearchClients(base[b], refs, c) as load:
+                        time.sleep(seconds)
+                    load.cpu = {k: v - before[k] for k, v in
+                                cpu_seconds(f"ServeReplica:batch{b}:").items()}
+                    runs[(b, c)].append(load)
+        status = requests.get(f"{base[batches[-1]]}/status", timeout=30).json()
     finally:
         serve.shutdown()
+    rows = []
+    for (b, c), loads in runs.items():
+        answers = [a for load in loads for a in load.answers]
+        ok = sorted(t for t, code, _ in answers if code == 200)
+        rps = [sum(code == 200 for _, code, _ in load.answers) / load.wall for load in loads]
+        cpu = {k: round(1000 * sum(load.cpu[k] for load in loads) / max(1, len(ok)), 1)
+               for k in loads[0].cpu}
+        rows.append({"batch": b, "clients": c, "requests": len(answers),
+                     "cpu_ms_per_request": cpu,
+                     "failed": len(answers) - len(ok), "rps": round(statistics.median(rps), 1),
+                     "rps_rounds": [round(x, 1) for x in rps],
+                     "p50_ms": round(1000 * ok[len(ok) // 2], 1) if ok else None,
+                     "p99_ms": round(1000 * ok[min(len(ok) - 1, int(len(ok) * .99))], 1)
+                     if ok else None})
+    rows.append({"batched_status": {k: status[k] for k in ("largest_batch", "mean_batch")},
+                 "pinned": pinned and len(cores) > 1})
     return rows
+
+
+def processes(title: str) -> list[int]:
+    """Pids of the processes whose command line (Ray's process title) contains `title`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if title in f.read().decode(errors="replace"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of `pids` onto `cpus` (threads started later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                continue  # the thread ended meanwhile
+
+
+def cpu_seconds(replica: str) -> dict[str, float]:
+    """CPU seconds used so far (user + system, from /proc) by the replica whose process title
+    contains `replica`, by Serve's HTTP proxy, by this process (the clients), and by the whole
+    machine (every process, other users' included)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"replica": 0.0, "proxy": 0.0, "clients": 0.0}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if int(pid) == os.getpid():
+            out["clients"] += used
+        elif replica in title:
+            out["replica"] += used
+        elif "ProxyActor" in title:
+            out["proxy"] += used
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    out["machine"] = (sum(ticks) - ticks[3] - ticks[4]) / tick  # all but idle and iowait
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -368,8 +457,15 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--synthetic-rows", type=int, default=1_000_000)
     parser.add_argument("--synthetic-queries", type=int, default=1000)
+    parser.add_argument("--synthetic-kinds", default="ivf,hnsw",
+                        help="approximate kinds on the synthetic rows")
+    parser.add_argument("--synthetic-rows-kind", default="uniform,clustered",
+                        help="which synthetic rows")
     parser.add_argument("--clients", default="8,32")
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batching-rounds", type=int, default=3)
+    parser.add_argument("--no-pin", action="store_true",
+                        help="batching: leave the replicas on every core")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--timing-batches", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1,
@@ -380,6 +476,7 @@ def main() -> None:
         args.sharded_rows, args.equal_rows, args.dim, args.shards = 200_000, 100_000, 128, 2
         args.synthetic_rows, args.synthetic_queries, args.lists = 20_000, 200, 64
         args.queries, args.seconds, args.reps, args.timing_batches = 300, 3.0, 2, 3
+        args.batching_rounds = 1
     parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
 
@@ -418,12 +515,15 @@ def main() -> None:
         if "batching" in parts:
             report["batching"] = batching_part(registry_url,
                                                [int(c) for c in args.clients.split(",")],
-                                               args.seconds)
+                                               args.seconds, args.batching_rounds,
+                                               not args.no_pin)
             save_partial(work, report)
         if "synthetic" in parts:
             report["synthetic"] = synthetic_part(work, args.synthetic_rows, args.dim,
                                                  args.synthetic_queries, args.lists, args.reps,
-                                                 args.timing_batches)
+                                                 args.timing_batches,
+                                                 args.synthetic_kinds.split(","),
+                                                 args.synthetic_rows_kind.split(","))
     finally:
         ray.shutdown()
         tmp.cleanup()
@@ -472,13 +572,26 @@ def print_report(report: dict) -> None:
               f"queries from the same distribution")
         print_curve(part["curve"], False)
     if "batching" in report:
-        rows = report["batching"]
-        print(f"\nthe service, one replica x 1 CPU, exact search; clients on the same cores")
+        rows = [r for r in report["batching"] if "batch" in r]
+        formed_row = next(r for r in report["batching"] if "batched_status" in r)
+        formed = formed_row["batched_status"]
+        where = ("each replica pinned to core 0, Serve's proxy and the clients to the rest"
+                 if formed_row.get("pinned") else "replicas, proxy and clients on every core")
+        print(f"\nthe service, one replica x 1 CPU each, exact search, one by one and batched "
+              f"side by side; {where}; requests/s the median of the rounds")
         print(f"{'batch':>6}{'clients':>8}{'requests':>10}{'failed':>8}{'req/s':>8}"
-              f"{'p50 ms':>8}{'p99 ms':>8}")
+              f"{'p50 ms':>8}{'p99 ms':>8}  rounds")
         for r in rows:
             print(f"{r['batch']:>6}{r['clients']:>8}{r['requests']:>10}{r['failed']:>8}"
-                  f"{r['rps']:>8.1f}{r['p50_ms'] or 0:>8.0f}{r['p99_ms'] or 0:>8.0f}")
+                  f"{r['rps']:>8.1f}{r['p50_ms'] or 0:>8.0f}{r['p99_ms'] or 0:>8.0f}  "
+                  f"{', '.join(f'{x:.1f}' for x in r['rps_rounds'])}")
+        print(f"batches formed: largest {formed['largest_batch']}, mean {formed['mean_batch']}")
+        print("CPU ms per answered request (replica / Serve proxy / clients / whole machine, "
+              "other users included):")
+        for r in rows:
+            cpu = r["cpu_ms_per_request"]
+            print(f"  batch {r['batch']:>2}, {r['clients']:>2} clients: {cpu['replica']:.1f} / "
+                  f"{cpu['proxy']:.1f} / {cpu['clients']:.1f} / {cpu['machine']:.1f}")
         by = {(r["batch"], r["clients"]): r["rps"] for r in rows}
         batched = max(b for b, _ in by)
         summary["batching_speedup"] = {c: round(by[(batched, c)] / by[(1, c)], 2)

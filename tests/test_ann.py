@@ -194,3 +194,37 @@ def _first_id(url: str) -> str:
     name = read_manifest(url)["blocks"][0]["name"]
     with open(os.path.join(url, "blocks", name + ".json")) as f:
         return json.load(f)["ids"][0]
+
+
+def test_an_ivf_index_filled_by_ray_tasks_is_the_one_process_fill(ray_local, tmp_path):
+    """Three tasks fill copies of the trained index with their runs of blocks, merged in row
+    order: every list holds the same ids in the same order, so searches answer alike."""
+    import faiss
+
+    from composeae.serve.ann import build_ann
+
+    counts = [1500, 700, 1500, 1200, 900, 1600]
+    url = write_index(tmp_path / "index", iter(unit_rows(np.random.default_rng(n), c, 32)
+                                               for n, c in enumerate(counts)), 32)
+    blocks = [lambda name=b["name"]: read_block_rows(url, name)
+              for b in read_manifest(url)["blocks"]]
+    lines: list[str] = []
+    built = {}
+    for workers in (1, 3):
+        entry = build_ann(str(tmp_path / f"by-{workers}"), "b", AnnSpec("ivf", lists=32), blocks,
+                          sum(counts), 32, lines.append, counts=counts, workers=workers)
+        built[workers] = (entry, load_ann(str(tmp_path / f"by-{workers}"), entry))
+    assert built[3][0].get("filled_by") == 3 and "filled_by" not in built[1][0]
+    assert any(line.startswith("adding rows in 3 tasks: 6/6 blocks, 7,400/7,400 rows")
+               for line in lines)
+    one, three = (faiss.extract_index_ivf(built[w][1]) for w in (1, 3))
+    assert one.ntotal == three.ntotal == sum(counts)
+    for lst in range(one.nlist):
+        size = one.invlists.list_size(lst)
+        assert three.invlists.list_size(lst) == size
+        ids = [faiss.rev_swig_ptr(x.invlists.get_ids(lst), size).copy() for x in (one, three)]
+        assert np.array_equal(*ids)
+    queries = unit_rows(np.random.default_rng(9), 50, 32)
+    params = faiss.SearchParametersIVF(nprobe=8)
+    a, b = (built[w][1].search(queries, 10, params=params) for w in (1, 3))
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])

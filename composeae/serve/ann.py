@@ -18,6 +18,12 @@ Kinds (both with inner product on the unit rows):
 * `hnsw`: a graph with `m` links per row, codes as above. Search knob `probe`: the candidate
   list kept while walking the graph (FAISS's efSearch).
 
+Building: trained once, on a sample, in the building process; then filled. An IVF index is
+filled by `workers` Ray tasks, each adding a contiguous run of blocks to a copy of the trained
+index, merged in row order (the same lists as one process's fill, entry for entry). An HNSW
+graph links each row to rows already in it, so it cannot be built in pieces and merged; it is
+filled in one process by FAISS's own threads.
+
 `rerank`: the `rerank * k` best candidates by the index's own (quantised) scores are scored
 again exactly on the stored rows and the best k kept; 0 keeps the index's scores and order.
 
@@ -149,11 +155,14 @@ def ann_file(build: str, spec: AnnSpec) -> str:
     return f"{ANN}/{build}-{spec.kind}-{spec.digest()}.faiss"
 
 
-def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[np.ndarray | Callable],
-              rows: int, dim: int, progress: Callable[[str], None] = log.info) -> dict:
-    """Train `spec`'s index on a sample of the gallery's rows and fill it block by block; write
-    it under `out_url`'s ann/ folder unless there already; return the manifest's "ann" entry.
-    `blocks`: callables returning each (n, D) block's stored rows, in row order."""
+def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[Callable], rows: int,
+              dim: int, progress: Callable[[str], None] = log.info, *,
+              counts: list[int] | None = None, workers: int = 1) -> dict:
+    """Train `spec`'s index on a sample of the gallery's rows and fill it; write it under
+    `out_url`'s ann/ folder unless there already; return the manifest's "ann" entry.
+    `blocks`: callables returning each (n, D) block's stored rows, in row order (`counts`: their
+    rows, when known). `workers` > 1 fills an IVF index in that many Ray tasks (`fill_parallel`);
+    an HNSW graph is filled in this process by FAISS's threads (a graph cannot be merged)."""
     spec = spec.resolved(rows)
     name = ann_file(build, spec)
     entry = {"kind": spec.kind, "factory": spec.factory(), "params": asdict(spec), "file": name,
@@ -177,12 +186,18 @@ def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[np.ndarray |
         index.train(sample)
         entry["trained_on"] = len(sample)
         del sample
-    done = 0
-    for number, block in enumerate(blocks, 1):
-        part = np.ascontiguousarray(block(), dtype=np.float32)
-        index.add(part)
-        done += len(part)
-        progress(rate_line("adding rows", number, len(blocks), done, rows, started))
+    parts = min(workers, len(blocks)) if spec.kind == "ivf" else 1
+    if parts > 1:
+        index = fill_parallel(index, blocks, counts or [rows // len(blocks)] * len(blocks),
+                              parts, rows, progress)
+        entry["filled_by"] = parts
+    else:
+        done = 0
+        for number, block in enumerate(blocks, 1):
+            part = np.ascontiguousarray(block(), dtype=np.float32)
+            index.add(part)
+            done += len(part)
+            progress(rate_line("adding rows", number, len(blocks), done, rows, started))
     buffer = faiss.serialize_index(index)  # (bytes,) uint8
     if not storage.is_s3(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -190,6 +205,53 @@ def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[np.ndarray |
     entry["bytes"] = int(buffer.nbytes)
     entry["build_s"] = round(time.monotonic() - started, 1)
     return entry
+
+
+def fill_parallel(trained, blocks: list[Callable], counts: list[int], parts: int, rows: int,
+                  progress: Callable[[str], None] = log.info):
+    """The trained, empty IVF index `trained` filled with the rows of `blocks` by `parts` Ray
+    tasks, one contiguous run of blocks each (`counts`: rows per block, to balance them): each
+    task adds its rows with their global row numbers as ids to a copy of the trained index, and
+    the copies' lists are merged in row order, so every list holds the same entries in the same
+    order as one process's fill. On a cluster the tasks read their blocks where they run and
+    spread the work of assigning rows to lists over the nodes; what comes back is the codes."""
+    import ray
+
+    from composeae.serve.sharded import split_blocks
+
+    faiss = _faiss()
+    runs = split_blocks(counts, parts)
+    starts = np.cumsum([0] + list(counts))
+    trained_ref = ray.put(faiss.serialize_index(trained))
+    task = ray.remote(num_cpus=1)(_fill_run)
+    refs = [task.remote(trained_ref, blocks[a:b], int(starts[a])) for a, b in runs]
+    started, waiting, done_blocks, done_rows = time.monotonic(), list(refs), 0, 0
+    blocks_of = {ref: b - a for ref, (a, b) in zip(refs, runs)}
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        added = ray.get(ready[0])[1]
+        done_blocks, done_rows = done_blocks + blocks_of[ready[0]], done_rows + added
+        progress(rate_line(f"adding rows in {parts} tasks", done_blocks, len(blocks),
+                           done_rows, rows, started))
+    index = faiss.deserialize_index(ray.get(refs[0])[0])
+    for ref in refs[1:]:
+        # merge_from moves the other's list entries (ids kept: add_id 0) to the end of each list
+        index.merge_from(faiss.deserialize_index(ray.get(ref)[0]), 0)
+    return index
+
+
+def _fill_run(trained: np.ndarray, blocks: list[Callable], first_row: int
+              ) -> tuple[np.ndarray, int]:
+    """Ray task: (the serialised index `trained` filled with `blocks`' rows, ids from
+    `first_row`; the rows added)."""
+    faiss = _faiss()
+    index = faiss.deserialize_index(trained)
+    row = first_row
+    for block in blocks:
+        part = np.ascontiguousarray(block(), dtype=np.float32)
+        index.add_with_ids(part, np.arange(row, row + len(part), dtype=np.int64))
+        row += len(part)
+    return faiss.serialize_index(index), row - first_row
 
 
 def training_sample(blocks: list[Callable], rows: int, wanted: int, seed: int = 0) -> np.ndarray:

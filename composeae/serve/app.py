@@ -366,7 +366,10 @@ class SearchService:
         try:
             prepared = await run_in_threadpool(searcher.prepare, query["text"], query["k"],
                                                ref=query["ref"], image=query["image"])
-            result = await self._answer(searcher, prepared)
+            if self.batch > 1:
+                result = await self.batcher((searcher, prepared))
+            else:
+                result = (await run_in_threadpool(searcher.answer, [prepared]))[0]
         except UnknownImage as exc:
             raise Rejected(404, str(exc)) from None
         except UserError as exc:
@@ -374,11 +377,6 @@ class SearchService:
         for item in result["results"]:
             item["url"] = image_url(item["id"])
         return JSONResponse(result)
-
-    async def _answer(self, searcher, query) -> dict[str, Any]:
-        if self.batch > 1:
-            return await self.batcher((searcher, query))
-        return (await run_in_threadpool(searcher.answer, [query]))[0]
 
     @api.get("/image/{image_id:path}")
     async def image(self, image_id: str, request: Request) -> Response:
@@ -400,6 +398,7 @@ class SearchService:
                 "index": index.url, "count": len(index), "swaps": self.swaps,
                 "load_attempts": self.load_attempts,
                 "pending": self.pending, "search": self.current.method, "batch": self.batch,
+                "batches": self.batcher.batches, "batched_requests": self.batcher.items,
                 "largest_batch": self.batcher.largest, "mean_batch": round(self.batcher.mean, 2),
                 "replica": {"pid": os.getpid(), "started": self.started}})
         return await self._guarded("status", request, work)

@@ -11,7 +11,9 @@ running, not those formed), so the wait is the only thing that fills a batch. Me
 service on 2 cores, 8 clients: a 5 ms wait gave batches of 1.1 requests on average and nothing
 gained; a 50 ms wait gave batches of about 8, and with every batch waiting its 50 ms out,
 1.7-2.0x the requests/s of one by one. Forming a batch only when the worker is free needs no
-wait at all.
+wait at all. (Waiting besides for the requests a replica had accepted and was still checking
+was tried too: at 8 clients the batches stayed at 4.0 requests, the clients alternating in two
+halves, one half answered while the other is on its way, and nothing was gained.)
 """
 
 from __future__ import annotations

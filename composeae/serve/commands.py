@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                                                "registry's indexes/<version>)")
     p.add_argument("--dtype", default="float16", help="float16 (default) or float32")
     p.add_argument("--workers", type=int, default=None,
-                   help="most embedding actors at once (default: the checkpoint's ray.num_workers)")
+                   help="most embedding actors at once, and the Ray tasks filling an ivf index "
+                        "(default: the checkpoint's ray.num_workers)")
     p.add_argument("--kind", default="exact",
                    help="exact (default: the blocks alone), or an approximate index built on "
                         "them: ivf (k-means lists) or hnsw (a graph)")

@@ -345,9 +345,12 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
     count = sum(b["count"] for b in blocks)
     ann_entry = None
     if ann is not None:
+        fill = max(1, workers or cfg.ray.num_workers)
+        if fill > 1 and ann.kind == "ivf":
+            init_ray(cfg)
         ann_entry = build_ann(out_url, build, ann, [
             (lambda name=b["name"]: read_block_rows(out_url, name)) for b in blocks],
-            count, dim, log.info)
+            count, dim, log.info, counts=[b["count"] for b in blocks], workers=fill)
     manifest = {
         "format": FORMAT, "build": build, "dtype": dtype, "dim": dim,
         "count": count,
@@ -364,9 +367,10 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
     return Built(out_url, manifest, built=True, resumed=len(shards) - len(todo))
 
 
-def add_ann(url: str, spec: AnnSpec) -> Built:
+def add_ann(url: str, spec: AnnSpec, workers: int = 1) -> Built:
     """Build the approximate index `spec` onto the built index at `url` (its blocks as they
-    are) and write its manifest again, naming it; a no-op when it names that one already."""
+    are) and write its manifest again, naming it; a no-op when it names that one already.
+    `workers` > 1: an IVF index filled by that many tasks of the Ray this process has joined."""
     url = absolute_url(url)
     manifest = read_manifest(url)
     if manifest is None:
@@ -375,7 +379,8 @@ def add_ann(url: str, spec: AnnSpec) -> Built:
         return Built(url, manifest, built=False)
     entry = build_ann(url, manifest["build"], spec, [
         (lambda name=b["name"]: read_block_rows(url, name)) for b in manifest["blocks"]],
-        manifest["count"], manifest["dim"], log.info)
+        manifest["count"], manifest["dim"], log.info,
+        counts=[b["count"] for b in manifest["blocks"]], workers=workers)
     manifest = dict(manifest, ann=entry)
     storage.write_text(storage.join(url, MANIFEST), json.dumps(manifest, indent=2) + "\n")
     _remove_other_builds(url, manifest["build"], entry)
