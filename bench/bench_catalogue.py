@@ -370,22 +370,36 @@ def batching_part(registry_url: str, clients: list[int], seconds: float, reps: i
 
 
 def processes(title: str) -> list[int]:
-    """Pids of the processes whose command line (Ray's process title) contains `title`."""
-    found = []
+    """Pids of this process's descendants (the Ray it started) whose command line (Ray's process
+    title) contains `title`."""
+    parent, titles = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if title in f.read().decode(errors="replace"):
-                    found.append(int(pid))
-        except OSError:
+                titles[int(pid)] = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-    return found
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [pid for pid, text in titles.items() if title in text and ours(pid)]
 
 
 def pin(pids: list[int], cpus: set[int]) -> None:
     """Every thread of `pids` onto `cpus` (threads started later inherit it)."""
     for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # the process ended meanwhile
+        for tid in threads:
             try:
                 os.sched_setaffinity(int(tid), cpus)
             except OSError:
@@ -397,22 +411,17 @@ def cpu_seconds(replica: str) -> dict[str, float]:
     contains `replica`, by Serve's HTTP proxy, by this process (the clients), and by the whole
     machine (every process, other users' included)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"replica": 0.0, "proxy": 0.0, "clients": 0.0}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+
+    def used(pid: int) -> float:
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().decode(errors="replace")
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
-            continue
-        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        if int(pid) == os.getpid():
-            out["clients"] += used
-        elif replica in title:
-            out["replica"] += used
-        elif "ProxyActor" in title:
-            out["proxy"] += used
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    out = {"replica": sum(map(used, processes(replica))),
+           "proxy": sum(map(used, processes("ProxyActor"))), "clients": used(os.getpid())}
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     out["machine"] = (sum(ticks) - ticks[3] - ticks[4]) / tick  # all but idle and iowait
