@@ -94,9 +94,9 @@ def register(subparsers) -> None:
                    help="CPUs per shard actor (default 1)")
     _search_knobs(p)
     p.add_argument("--batch", type=int, default=16,
-                   help="most concurrent requests answered together, waiting up to 50 ms "
-                        "for them (default 16; 1: one by one, the least latency for a lone "
-                        "client)")
+                   help="most concurrent requests answered together: a batch is formed when "
+                        "the previous one ends, of those that arrived meanwhile (default 16; "
+                        "1: each request alone)")
     p.add_argument("--detach", action="store_true",
                    help="return once deployed (on a cluster joined through RAY_ADDRESS)")
     p.set_defaults(func=run_serve)
