@@ -80,8 +80,9 @@ def in_batches(fn, queries: torch.Tensor, exclude: list | None = None) -> torch.
 
 # -- sharded exact search -----------------------------------------------------------------------
 
-def sharded_part(work: Path, rows: int, dim: int, shards: int, equal_rows: int,
-                 reps: int) -> dict:
+def synthetic_gallery(work: Path, rows: int, dim: int) -> tuple[Path, dict, float]:
+    """(folder, manifest, seconds spent writing) of --work's synthetic rows x dim index, written
+    block by block unless there."""
     folder = work / f"sharded-{rows}x{dim}"
     manifest = read_manifest(str(folder)) if (folder / "manifest.json").exists() else None
     written_s = 0.0
@@ -90,6 +91,18 @@ def sharded_part(work: Path, rows: int, dim: int, shards: int, equal_rows: int,
         write_index(folder, synthetic_blocks(rows, dim, seed=7), dim)
         written_s = time.perf_counter() - start
         manifest = read_manifest(str(folder))
+    return folder, manifest, written_s
+
+
+def peak_gb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM) in GB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+
+
+def sharded_part(work: Path, rows: int, dim: int, shards: int, equal_rows: int,
+                 reps: int) -> dict:
+    folder, manifest, written_s = synthetic_gallery(work, rows, dim)
     # The first blocks as an index of their own (links, no copy): a gallery one process holds.
     blocks, sub_blocks, held = manifest["blocks"], [], 0
     for b in blocks:
@@ -135,8 +148,8 @@ def sharded_part(work: Path, rows: int, dim: int, shards: int, equal_rows: int,
             times.append(time.perf_counter() - start)
         per_shard.append(BATCH / statistics.median(times))
     parts = ray.get([a.top_k.remote(queries.numpy(), K, None) for a in gallery.actors])
-    scores = [torch.from_numpy(s) for s, _ in parts]
-    found = [torch.from_numpy(r) for _, r in parts]
+    scores = [torch.from_numpy(np.array(s)) for s, _ in parts]
+    found = [torch.from_numpy(np.array(r)) for _, r in parts]
     start = time.perf_counter()
     for _ in range(1000):
         merge_top_k(scores, found, K)
@@ -148,6 +161,76 @@ def sharded_part(work: Path, rows: int, dim: int, shards: int, equal_rows: int,
             "shard_rows": [m["rows"] for m in memory],
             "shard_hwm_gb": [round(m["VmHWM"], 3) for m in memory],
             "equal_rows": held, "top10_equal": equal}
+
+
+def service_part(work: Path, rows: int, dim: int, shards: int, data: str, clients: int,
+                 seconds: float) -> dict:
+    """The same synthetic gallery behind the HTTP service: a registry whose version 1 is a
+    random model embedding to `dim`, its index the synthetic rows dressed as an index of
+    `data`'s gallery (`serveable_index`: real image pointers, so `ref` queries work), served
+    with `shards` memory-mapped shard actors; `clients` clients for `seconds`."""
+    import random
+
+    import requests
+    from ray import serve
+
+    from composeae.registry.store import ModelRegistry
+    from composeae.serve.app import build_app
+    from composeae.serve.auth import Access
+    from composeae.serve.index import checkpoint_file, registry_index_url
+    from composeae.storage import absolute_url
+    from composeae.testing.checkpoints import random_checkpoint
+    from composeae.testing.clients import SearchClients
+    from composeae.testing.galleries import serveable_index
+    from composeae.testing.localcluster import free_port
+
+    folder, _, _ = synthetic_gallery(work, rows, dim)
+    registry_url = str(work / f"registry-{rows}x{dim}")
+    if not Path(registry_url).exists():
+        checkpoint = random_checkpoint(data, work / f"random-{dim}",
+                                       overrides=(f"model.embed_dim={dim}",))
+        registry = ModelRegistry.create(registry_url)
+        registry.register(checkpoint, run_name="synthetic", record={"model": "bench"})
+        registry.promote(1)
+    record = ModelRegistry(registry_url).version(1)
+    start = time.perf_counter()
+    serveable_index(folder, registry_index_url(registry_url, 1), absolute_url(data),
+                    checkpoint_file(record["checkpoint"]), version=1)
+    dress_s = time.perf_counter() - start
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        start = time.perf_counter()
+        serve.run(build_app(registry_url, "champion", poll_s=600, num_cpus=1,
+                            access=Access(None),
+                            settings={"shards": shards, "shard_memory": "mmap",
+                                      "shard_cpus": 0.5}),
+                  name="catalogue", route_prefix="/")
+        deploy_s = time.perf_counter() - start
+        refs = [f"img{r:08d}" for r in random.Random(0).sample(range(rows), 200)]
+        one = requests.post(f"{base}/search", json={"ref": refs[0], "text": "make it red",
+                                                    "k": 10}, timeout=600)
+        one.raise_for_status()
+        found = one.json()["results"]
+        scores = [r["score"] for r in found]
+        with SearchClients(base, refs, clients) as load:
+            time.sleep(seconds)
+        ok = sorted(t for t, code, _ in load.answers if code == 200)
+        status = requests.get(f"{base}/status", timeout=60).json()
+        front = [peak_gb(p) for p in processes("ServeReplica:catalogue:")]
+        shard_gb = [peak_gb(p) for p in processes("GalleryShard")]
+    finally:
+        serve.shutdown()
+    return {"rows": rows, "dim": dim, "shards": shards, "dress_s": round(dress_s, 1),
+            "deploy_s": round(deploy_s, 1), "search": status["search"],
+            "count": status["count"], "clients": clients, "requests": len(load.answers),
+            "failed": len(load.answers) - len(ok), "rps": round(len(ok) / load.wall, 2),
+            "p50_ms": round(1000 * ok[len(ok) // 2], 1) if ok else None,
+            "answer_ok": len(found) == 10 and len({r["id"] for r in found}) == 10
+            and refs[0] not in {r["id"] for r in found} and scores == sorted(scores, reverse=True),
+            "front_hwm_gb": round(max(front), 3) if front else None,
+            "shard_hwm_gb": [round(x, 3) for x in sorted(shard_gb)]}
 
 
 # -- approximate indexes ------------------------------------------------------------------------
@@ -452,7 +535,8 @@ def print_curve(rows: list[dict], recalls: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small stand-ins (a minute)")
-    parser.add_argument("--parts", default="sharded,ann,synthetic,batching")
+    parser.add_argument("--parts", default="sharded,service,ann,synthetic,batching")
+    parser.add_argument("--service-clients", type=int, default=4)
     parser.add_argument("--work", default=None, help="folder kept between runs (default: temp)")
     parser.add_argument("--data", default=None, help="CSS-synth dataset (default: catalogue, "
                                                      "built in --work)")
@@ -502,15 +586,19 @@ def main() -> None:
                                              args.equal_rows, args.reps)
             save_partial(work, report)
         registry_url = None
-        if "ann" in parts or "batching" in parts:
-            data, checkpoint = args.data, args.checkpoint
-            if data is None:
-                from composeae.data.synth import generate
+        data, checkpoint = args.data, args.checkpoint
+        if parts & {"ann", "batching", "service"} and data is None:
+            from composeae.data.synth import generate
 
-                data = str(work / ("css-synth-tiny" if args.quick else "css-synth-catalogue"))
-                if not Path(data, "manifest.json").exists():
-                    generate(data, preset="tiny" if args.quick else "catalogue",
-                             workers=os.cpu_count() or 1)
+            data = str(work / ("css-synth-tiny" if args.quick else "css-synth-catalogue"))
+            if not Path(data, "manifest.json").exists():
+                generate(data, preset="tiny" if args.quick else "catalogue",
+                         workers=os.cpu_count() or 1)
+        if "service" in parts:
+            report["service"] = service_part(work, args.sharded_rows, args.dim, args.shards,
+                                             data, args.service_clients, args.seconds)
+            save_partial(work, report)
+        if "ann" in parts or "batching" in parts:
             if checkpoint is None:
                 from composeae.testing.checkpoints import random_checkpoint
 
@@ -558,6 +646,18 @@ def print_report(report: dict) -> None:
         summary.update(n=s["rows"], shard_max_gb=max(s["shard_hwm_gb"]),
                        shards=s["shards"], sharded_qps=s["qps_fan_out"],
                        sharded_top10_equal=s["top10_equal"], merge_ms=s["merge_ms"])
+    if "service" in report:
+        v = report["service"]
+        print(f"\nthe service over the same {v['count']:,} x {v['dim']} rows: {v['search']}, "
+              f"deployed in {v['deploy_s']:.0f} s (index dressed in {v['dress_s']:.0f} s); "
+              f"{v['clients']} clients: {v['rps']:.2f} requests/s, p50 {v['p50_ms'] or 0:.0f} ms, "
+              f"{v['failed']} failed; a top 10 {'as expected' if v['answer_ok'] else 'WRONG'}")
+        print(f"peak resident GB: the replica (ids, labels, pointers of every row, the model) "
+              f"{v['front_hwm_gb']}, the shards {', '.join(str(x) for x in v['shard_hwm_gb'])}")
+        summary.update(service_rps=v["rps"], service_failed=v["failed"],
+                       service_answer_ok=v["answer_ok"], service_front_gb=v["front_hwm_gb"],
+                       service_shard_max_gb=max(v["shard_hwm_gb"]))
+        summary.setdefault("n", v["count"])
     if "ann" in report:
         a = report["ann"]
         print(f"\napproximate search, {report.get('model', 'trained model')}: gallery "

@@ -16,10 +16,12 @@ from composeae.models.text import build_tokenizer
 TINY = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny.yaml"
 
 
-def random_checkpoint(data_url: str, directory: Path, seed: int = 0) -> str:
-    """A tiny ComposeAE (jobs/configs/tiny.yaml, weights from `seed`) saved in `directory`; its
-    config names `data_url`, whose corpus gives the vocabulary. Returns the directory."""
-    cfg = load_config(str(TINY), [f"data.url={data_url}"])
+def random_checkpoint(data_url: str, directory: Path, seed: int = 0,
+                      overrides: tuple[str, ...] = ()) -> str:
+    """A tiny ComposeAE (jobs/configs/tiny.yaml with `overrides`, weights from `seed`) saved in
+    `directory`; its config names `data_url`, whose corpus gives the vocabulary. Returns the
+    directory."""
+    cfg = load_config(str(TINY), [f"data.url={data_url}", *overrides])
     tokenizer = build_tokenizer(cfg.model.text_encoder, load_corpus(cfg.data),
                                 bert_path=cfg.model.bert_path,
                                 vocab_size=cfg.model.bert_vocab_size)

@@ -4,12 +4,14 @@ clustered like a trained model's embeddings) written block by block in the folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from composeae.data import schema
 from composeae.serve import index as index_mod
 
 
@@ -59,3 +61,44 @@ def write_index(directory: str | Path, blocks, dim: int, dtype: str = "float16")
         "data": {"url": str(directory), "split": "test", "fingerprint": "none"},
         "blocks": manifest_blocks}))
     return str(directory)
+
+
+def serveable_index(rows_folder: str | Path, out: str | Path, data_url: str, checkpoint: str,
+                    version: int | None = None, split: str = "test") -> str:
+    """An index folder at `out` that the search service loads, for galleries larger than any
+    dataset at hand: its rows are the synthetic index `rows_folder`'s (the `.npy` blocks
+    linked, not copied), its blocks point into `data_url`'s `split` gallery shards in turn and
+    its rows at their real images, cycled (so `/image` and `--ref` read real pictures), and its
+    manifest names `checkpoint` (a `model.pt`), `version` and the dataset, so the service's
+    confinement checks pass. Ids stay the synthetic `img00000000`..., labels equal to them."""
+    rows_folder, out = Path(rows_folder), Path(out)
+    synthetic = json.loads((rows_folder / index_mod.MANIFEST).read_text())
+    shards, fingerprint = index_mod.gallery_shards(data_url, split)
+    images = []  # per shard: [[offset, size, ext], ...] of its gallery images
+    for shard in shards:
+        found = []
+        for _, where in index_mod.samples_with_offsets(shard["url"]):
+            ext = next(e for e in schema.IMAGE_EXTS if f"{schema.IMAGE}.{e}" in where)
+            found.append([*where[f"{schema.IMAGE}.{ext}"], ext])
+        images.append(found)
+    (out / index_mod.BLOCKS).mkdir(parents=True, exist_ok=True)
+    blocks = []
+    for number, block in enumerate(synthetic["blocks"]):
+        source = rows_folder / index_mod.BLOCKS / block["name"]
+        meta = json.loads(source.with_suffix(".json").read_text())
+        shard = number % len(shards)
+        pointers = [images[shard][i % len(images[shard])] for i in range(block["count"])]
+        target = out / index_mod.BLOCKS / block["name"]
+        if not target.with_suffix(".npy").exists():
+            target.with_suffix(".npy").symlink_to(source.with_suffix(".npy").resolve())
+        target.with_suffix(".json").write_text(json.dumps(dict(
+            meta, shard=shards[shard]["name"], pointers=pointers)))
+        blocks.append(dict(block, shard=shards[shard]["name"]))
+    with open(checkpoint, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    manifest = dict(synthetic, blocks=blocks,
+                    model={"checkpoint": checkpoint, "checkpoint_sha256": sha,
+                           "version": version},
+                    data={"url": data_url, "split": split, "fingerprint": fingerprint})
+    (out / index_mod.MANIFEST).write_text(json.dumps(manifest))
+    return str(out)
