@@ -1,6 +1,6 @@
 """Search at catalogue scale, side by side in one run: a sharded exact gallery of 10M x 512
-rows, approximate indexes on a trained model's 208,000-image CSS-synth gallery and on 1M
-synthetic rows, and the service with and without batched queries.
+rows (alone and behind the service), approximate indexes on a trained model's 208,000-image
+CSS-synth gallery and on 1M synthetic rows, and the service with and without batched queries.
 
 * sharded: --sharded-rows synthetic unit rows x 512 written block by block as float16 into an
   index folder (10M: 10 GB on disk; kept in --work and reused), served by --shards
@@ -8,6 +8,11 @@ synthetic rows, and the service with and without batched queries.
   the fan-out and merge at batch 64, of each shard alone, the merge's own cost, each shard
   process's peak resident memory (VmHWM); and, on the first --equal-rows rows (a gallery one
   process holds), the sharded top 10 against one process's `search.top_k`.
+* service: the same rows behind the HTTP service (`composeae.serve.app` with --shards
+  memory-mapped shard actors): a registry whose version is a random model embedding to --dim,
+  its index the synthetic rows dressed as an index of --data's gallery (real image pointers,
+  cycled, so the service's confinement checks pass and `ref` queries read real images);
+  --service-clients clients for --seconds; the replica's and each shard's peak memory.
 * ann: the gallery of --data's test split embedded by --checkpoint (`composeae index`, into a
   registry in --work; a no-op when there), --queries of its test queries embedded by the same
   model. Exact `top_k` against `ivf` (IVF --lists, SQ8) and `hnsw` (HNSW32, SQ8) at 4 values of
