@@ -42,9 +42,8 @@ import io
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
@@ -59,6 +58,7 @@ from composeae.data.tarstream import StreamErrors, group_samples, open_shard, ta
 from composeae.errors import UserError
 from composeae.registry.store import ModelRegistry
 from composeae.serve.ann import ANN, AnnSpec, build_ann, load_ann, rate_line
+from composeae.serve.columns import ColumnBuilder, RowLookup, StringColumn
 from composeae.serve.confine import (Expected, check_block, check_dataset, check_manifest,
                                      check_rows)
 from composeae.run.cluster import check_local_paths_on_nodes, init_ray
@@ -422,15 +422,16 @@ class GalleryIndex:
     embeddings: torch.Tensor | None
     """(N, D) unit rows: the stored values (the manifest's dtype) held as `load_index`'s
     `memory_dtype`; None when loaded without them (a sharded gallery's front)."""
-    ids: list[str]
-    labels: list[str]
+    ids: StringColumn
+    labels: StringColumn
     shard_of: np.ndarray
     """(N,) int32 index into `shard_urls`."""
     offsets: np.ndarray
     sizes: np.ndarray
-    exts: list[str]
+    exts: np.ndarray
+    """(N,) uint8 index into `schema.IMAGE_EXTS`."""
     shard_urls: list[str]
-    row_of: dict[str, int] = field(default_factory=dict)
+    row_of: RowLookup
     ann: Any = None
     """The approximate index (a FAISS index) when the manifest names one and it was loaded."""
 
@@ -454,7 +455,7 @@ class GalleryIndex:
         """(bytes, MIME type) of row `row`'s image, read from its shard."""
         data = read_range(self.shard_urls[self.shard_of[row]], int(self.offsets[row]),
                           int(self.sizes[row]))
-        return data, "image/png" if self.exts[row] == "png" else "image/jpeg"
+        return data, "image/png" if schema.IMAGE_EXTS[self.exts[row]] == "png" else "image/jpeg"
 
 
 def read_block_rows(url: str, name: str, mmap: bool = False) -> np.ndarray:
@@ -491,10 +492,11 @@ def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
     count, dim = int(manifest["count"]), int(manifest["dim"])
     # One preallocated array: concatenating the blocks would hold the gallery twice at its peak.
     embeddings = np.empty((count, dim) if rows else (0, dim), dtype=memory_dtype)
-    ids, labels, exts, shard_urls = [], [], [], []
+    ids, labels, shard_urls = ColumnBuilder(), ColumnBuilder(), []
     shard_of = np.empty(count, np.int32)
     offsets = np.empty(count, np.int64)
     sizes = np.empty(count, np.int64)
+    exts = np.empty(count, np.uint8)  # index into schema.IMAGE_EXTS
     row = 0
     data_url = manifest["data"]["url"]
     for i, block in enumerate(manifest["blocks"]):
@@ -505,21 +507,18 @@ def load_index(url: str, memory_dtype: str = "float32", rows: bool = True,
         if n and rows:
             embeddings[row:row + n] = check_rows(url, block, read_block_rows(url, block["name"]),
                                                  dim, manifest["dtype"])
-        ids += meta["ids"]
-        # One string object per distinct label and file type, not one per row (JSON decoding
-        # makes a new one for each): at 10M rows the file types alone were 0.5 GB.
-        labels += map(sys.intern, meta["labels"])
+        ids.add(meta["ids"])
+        labels.add(meta["labels"])
         pointers = meta["pointers"]
         offsets[row:row + n] = [p[0] for p in pointers]
         sizes[row:row + n] = [p[1] for p in pointers]
-        exts += [sys.intern(p[2]) for p in pointers]
+        exts[row:row + n] = [schema.IMAGE_EXTS.index(p[2]) for p in pointers]
         shard_of[row:row + n] = i
         shard_urls.append(storage.join(data_url, block["shard"]))
         row += n
-    row_of: dict[str, int] = {}
-    for r, image_id in enumerate(ids):
-        row_of.setdefault(image_id, r)  # an image listed in two groups counts once
+    ids = ids.finish()
     entry = manifest.get("ann")
     return GalleryIndex(url, manifest, torch.from_numpy(embeddings) if rows else None, ids,
-                        labels, shard_of, offsets, sizes, exts, shard_urls, row_of,
+                        labels.finish(), shard_of, offsets, sizes, exts, shard_urls,
+                        RowLookup(ids),
                         load_ann(url, entry) if ann and entry else None)
