@@ -15,6 +15,9 @@ from typing import Iterable, overload
 
 import numpy as np
 
+ITER_CHUNK = 65536
+"""Offsets turned into Python ints at once while iterating (all of 10M would be 0.4 GB)."""
+
 
 class StringColumn(Sequence):
     """N strings in one buffer: `column[i]` a `str`, `column[a:b:c]` a list of them."""
@@ -50,9 +53,11 @@ class StringColumn(Sequence):
         return self._data[begin:end].decode("utf-8")
 
     def __iter__(self):
-        data, offsets = self._data, self._offsets.tolist()
-        for begin, end in zip(offsets, offsets[1:]):
-            yield data[begin:end].decode("utf-8")
+        data = self._data
+        for start in range(0, len(self), ITER_CHUNK):  # a chunk of offsets as ints at a time
+            offsets = self._offsets[start:start + ITER_CHUNK + 1].tolist()
+            for begin, end in zip(offsets, offsets[1:]):
+                yield data[begin:end].decode("utf-8")
 
     @property
     def nbytes(self) -> int:
