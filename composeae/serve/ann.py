@@ -161,8 +161,9 @@ def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[Callable], r
     """Train `spec`'s index on a sample of the gallery's rows and fill it; write it under
     `out_url`'s ann/ folder unless there already; return the manifest's "ann" entry.
     `blocks`: callables returning each (n, D) block's stored rows, in row order (`counts`: their
-    rows, when known). `workers` > 1 fills an IVF index in that many Ray tasks (`fill_parallel`);
-    an HNSW graph is filled in this process by FAISS's threads (a graph cannot be merged)."""
+    rows). `workers` > 1 with `counts` fills an IVF index in that many Ray tasks
+    (`fill_parallel`); an HNSW graph is filled in this process by FAISS's threads (a graph
+    cannot be merged)."""
     spec = spec.resolved(rows)
     name = ann_file(build, spec)
     entry = {"kind": spec.kind, "factory": spec.factory(), "params": asdict(spec), "file": name,
@@ -186,10 +187,10 @@ def build_ann(out_url: str, build: str, spec: AnnSpec, blocks: list[Callable], r
         index.train(sample)
         entry["trained_on"] = len(sample)
         del sample
-    parts = min(workers, len(blocks)) if spec.kind == "ivf" else 1
+    # In parallel only with the blocks' row counts: each task's first row (its ids) is their sum.
+    parts = min(workers, len(blocks)) if spec.kind == "ivf" and counts is not None else 1
     if parts > 1:
-        index = fill_parallel(index, blocks, counts or [rows // len(blocks)] * len(blocks),
-                              parts, rows, progress)
+        index = fill_parallel(index, blocks, counts, parts, rows, progress)
         entry["filled_by"] = parts
     else:
         done = 0
