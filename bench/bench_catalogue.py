@@ -336,7 +336,7 @@ def catalogue_part(work: Path, data: str, checkpoint: str, num_queries: int, lis
     embed_s = time.perf_counter() - start
     emb = torch.nn.functional.normalize(torch.from_numpy(q["emb"][:num_queries]), dim=1)
     exclude = [index.row_of.get(r) for r in q["reference_id"][:num_queries]]
-    labels = np.asarray(index.labels)
+    labels = np.asarray(list(index.labels))
     hits = recall_of(labels, np.asarray(q["target_label"][:num_queries]))
 
     def exact_fn(qb, ex=None):
