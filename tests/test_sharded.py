@@ -15,7 +15,8 @@ import torch
 from composeae.errors import UserError
 from composeae.serve.index import read_block_rows, read_manifest
 from composeae.serve.search import top_k
-from composeae.serve.sharded import GalleryShard, ShardedGallery, split_blocks
+from composeae.serve.runs import split_blocks
+from composeae.serve.sharded import GalleryShard, ShardedGallery
 from composeae.testing.checkpoints import random_checkpoint
 from composeae.testing.clients import SearchClients
 from composeae.testing.galleries import synthetic_blocks, unit_rows, write_index

@@ -49,6 +49,7 @@ import torch
 
 from composeae import storage
 from composeae.errors import UserError
+from composeae.serve.runs import split_blocks
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,6 @@ def fill_parallel(trained, blocks: list[Callable], counts: list[int], parts: int
     order as one process's fill. On a cluster the tasks read their blocks where they run and
     spread the work of assigning rows to lists over the nodes; what comes back is the codes."""
     import ray
-
-    from composeae.serve.sharded import split_blocks
 
     faiss = _faiss()
     runs = split_blocks(counts, parts)

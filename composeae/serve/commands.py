@@ -23,6 +23,7 @@ from composeae.registry.store import ModelRegistry
 from composeae.run.cluster import init_ray
 from composeae.serve.auth import Access, check_bind, digest, read_token_file
 from composeae.serve.http_limits import Limits
+from composeae.serve.runs import split_blocks
 from composeae.storage import absolute_url
 
 
@@ -266,7 +267,6 @@ def check_serve_settings(args: argparse.Namespace, manifest: dict) -> dict:
     """`serve`'s search settings (`app.SEARCH_SETTINGS`), checked against the index in service
     before anything starts; `UserError` for a bad one."""
     from composeae.serve.ann import check_knobs
-    from composeae.serve.sharded import split_blocks
 
     if args.batch < 1:
         raise UserError(f"--batch must be 1 or more, got {args.batch}")
