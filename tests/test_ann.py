@@ -151,6 +151,9 @@ def test_index_kind_and_search_knobs_on_the_command_line(ray_local, css_tiny, tm
     manifest = read_manifest(out)
     assert manifest["ann"]["search"] == {"probe": 8, "rerank": 4}
     assert manifest["ann"]["params"]["lists"] == 8 and manifest["count"] == 240
+    # Filled by two Ray tasks (--workers 2), with a progress line as they finish.
+    assert manifest["ann"]["filled_by"] == 2
+    assert "adding rows in 2 tasks: 8/8 blocks, 240/240 rows" in "\n".join(progress)
     assert main(build + ["--kind", "ivf", "--lists", "8"]) == 0
     assert "up to date" in capsys.readouterr().out
 

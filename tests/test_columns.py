@@ -68,3 +68,19 @@ def test_a_million_ids_take_a_fraction_of_a_list_and_dict():
     assert compact < plain / 3
     assert lookup.get(ids[123_456]) == 123_456 and column[999_999] == ids[-1]
     assert np.all(np.diff(column._offsets) == len(ids[0]))
+
+
+def test_a_lookup_sent_to_another_process_finds_its_ids_there():
+    """Another interpreter hashes strings with another seed: the pickled lookup rebuilds its
+    hashes there."""
+    import pickle
+    import subprocess
+
+    ids = [f"img{i:05d}" for i in range(3000)]
+    payload = pickle.dumps(RowLookup(StringColumn.build([ids])))
+    script = ("import pickle, sys; lookup = pickle.loads(sys.stdin.buffer.read()); "
+              "print(lookup.get('img02999'), lookup.get('img00000'), lookup.get('nope'))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script], input=payload, capture_output=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": ""}, check=True).stdout
+        assert out.decode().split() == ["2999", "0", "None"]

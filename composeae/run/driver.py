@@ -222,8 +222,8 @@ def changed_keys(started: Config, cfg: Config) -> list[str]:
 def resume_as_started(cfg: Config) -> tuple[Config, str | None]:
     """`cfg`, or for a run that exists the config it was started with (with `cfg`'s `ray`
     section and `train.compile`, and the per-worker batch that keeps its global batch on those
-    workers), and one
-    line naming the keys that differ and what happens; None when nothing differs.
+    workers), and one line naming the keys that differ and what happens; None when nothing
+    differs.
 
     The rule: an unfinished run resumes as it was started; a finished run trains nothing. To
     run a changed config, give it another `train.name`."""

@@ -96,6 +96,11 @@ class RowLookup:
         self._order = np.argsort(hashes, kind="stable")
         self._hashes = hashes[self._order]
 
+    def __reduce__(self):
+        # Python's str hashes differ between processes (PYTHONHASHSEED): sent to another
+        # process, the lookup is rebuilt there from the ids, not carried with this one's hashes.
+        return (RowLookup, (self._ids,))
+
     def get(self, image_id: str, default: int | None = None) -> int | None:
         if not isinstance(image_id, str):
             return default
