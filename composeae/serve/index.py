@@ -349,6 +349,7 @@ def build_index(model: dict[str, Any], data_url: str, out_url: str, *, split: st
         fill = max(1, workers or cfg.ray.num_workers)
         if fill > 1 and ann.kind == "ivf":
             init_ray(cfg)
+            check_local_paths_on_nodes({"--out": out_url})  # the fill's tasks read the blocks
         ann_entry = build_ann(out_url, build, ann, [
             (lambda name=b["name"]: read_block_rows(out_url, name)) for b in blocks],
             count, dim, log.info, counts=[b["count"] for b in blocks], workers=fill)
