@@ -262,3 +262,35 @@ def test_a_night_trains_its_challenger_across_both_nodes(cluster, s3_shards, tmp
     assert len(set(metrics["nodes"])) == 2 and NODE_B in metrics["nodes"]
     assert metrics["workers"] == 2 and "2 worker(s) on 2 node(s)" in proc.stdout
     assert ModelRegistry.open(registry).aliases().aliases == {"champion": 1}
+
+
+def test_an_ivf_index_is_filled_by_tasks_on_both_nodes(cluster, s3_shards, tmp_path):
+    """`composeae index --kind ivf --workers 2` joined to the two-node cluster, blocks and index
+    in S3: the fill's two tasks (one CPU each; each node has one) run wherever Ray places them
+    and read their blocks there, and the merged index answers as one process's fill of the
+    same blocks. (Which node ran which task is not asserted: Ray may run both on one node in
+    turn.)"""
+    import faiss
+    import numpy as np
+
+    from composeae.serve.ann import AnnSpec, build_ann, load_ann
+    from composeae.serve.index import read_block_rows, read_manifest
+    from composeae.testing.checkpoints import random_checkpoint
+
+    checkpoint = random_checkpoint(s3_shards, tmp_path / "ckpt")
+    out = "s3://multinode/index-ivf"
+    proc = composeae(cluster, "index", "--checkpoint", checkpoint, "--data", s3_shards,
+                     "--out", out, "--kind", "ivf", "--lists", "8", "--workers", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = read_manifest(out)
+    entry = manifest["ann"]
+    assert entry["filled_by"] == 2 and manifest["count"] == 240
+    blocks = [lambda name=b["name"]: read_block_rows(out, name) for b in manifest["blocks"]]
+    alone = build_ann(str(tmp_path / "alone"), manifest["build"], AnnSpec("ivf", lists=8),
+                      blocks, 240, manifest["dim"], lambda line: None,
+                      counts=[b["count"] for b in manifest["blocks"]], workers=1)
+    queries = np.concatenate([b() for b in blocks])[:50].astype(np.float32)
+    params = faiss.SearchParametersIVF(nprobe=4)
+    merged = load_ann(out, entry).search(queries, 10, params=params)
+    one = load_ann(str(tmp_path / "alone"), alone).search(queries, 10, params=params)
+    assert np.array_equal(merged[1], one[1]) and np.array_equal(merged[0], one[0])
